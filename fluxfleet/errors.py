@@ -1,0 +1,91 @@
+"""Errors of fluxfleet, arranged by what the queue should do with them.
+
+    FluxfleetError
+    ├── JobError            invalid input: fail the item, never retry
+    │   ├── InputFileError      a prompts file line is malformed (names file, line, field)
+    │   ├── ValidationError     a parameter is out of range
+    │   └── UnknownPresetError  no preset of that name (lists the known ones)
+    ├── TransientError      storage or broker hiccups, GPU out of memory: retry with backoff
+    │   ├── StorageError
+    │   └── BrokerUnavailable   Redis cannot be reached
+    └── WorkerError         the worker cannot serve: stop taking work
+        ├── ConfigurationError  settings that contradict each other
+        ├── ModelLoadError      the preset's model cannot be loaded
+        └── BackendMissingError a quantization backend's package is not installed
+
+Every class says when it is raised; context travels as attributes, causes with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+
+class FluxfleetError(Exception):
+    """Base of every error fluxfleet raises on purpose."""
+
+
+class JobError(FluxfleetError):
+    """Raised when a request itself is wrong; retrying cannot help."""
+
+
+class ValidationError(JobError):
+    """Raised when a generation parameter or prompt breaks a limit.
+
+    ``where`` names the place (``prompts.csv:12``) and ``field`` the parameter.
+    """
+
+    def __init__(self, message: str, *, where: str = "", field: str = "") -> None:
+        self.where = where
+        self.field = field
+        prefix = f"{where}: " if where else ""
+        suffix = f" (field '{field}')" if field else ""
+        super().__init__(f"{prefix}{message}{suffix}")
+
+
+class InputFileError(ValidationError):
+    """Raised when a prompts file cannot be read or one of its lines is malformed."""
+
+
+class UnknownPresetError(JobError):
+    """Raised when a preset name matches no file in the presets directory."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        super().__init__(f"unknown preset '{name}'; known presets: {', '.join(known) or '(none)'}")
+
+
+class TransientError(FluxfleetError):
+    """Raised when an operation may succeed if tried again later."""
+
+
+class StorageError(TransientError):
+    """Raised when the object store fails or cannot be reached."""
+
+
+class BrokerUnavailable(TransientError):
+    """Raised when Redis cannot be reached; nothing was submitted."""
+
+
+class WorkerError(FluxfleetError):
+    """Raised when a worker cannot serve its preset; it must stop taking work."""
+
+
+class ConfigurationError(WorkerError):
+    """Raised when settings contradict each other; names the setting to change."""
+
+
+class ModelLoadError(WorkerError):
+    """Raised when the preset's model cannot be found or loaded."""
+
+
+class BackendMissingError(WorkerError):
+    """Raised when a preset needs a package that is not installed; names the extra to install."""
+
+    def __init__(self, backend: str, package: str, extra: str) -> None:
+        self.backend = backend
+        self.package = package
+        self.extra = extra
+        super().__init__(
+            f"backend '{backend}' needs the package '{package}', which is not installed. "
+            f"Run `pip install 'fluxfleet[{extra}]'`"
+        )

@@ -1,0 +1,166 @@
+"""Job state in Redis: fluxfleet's own record of every job, independent of Celery's result backend.
+
+Celery reports an unknown or expired task id as PENDING, which cannot be told apart from "queued",
+so progress and outcomes live here, under ``<prefix>:job:<id>``:
+
+- ``…``            hash: preset, model, total, state, created_at, finished_at
+- ``…:tasks``      hash: task id -> task payload (to re-enqueue what went missing)
+- ``…:done``       hash: item key -> manifest line (ItemRecord JSON)
+- ``…:failed``     hash: item key -> ItemFailure JSON
+- ``…:cancelled``  set of item keys not generated because the job was cancelled
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import cast
+
+import redis
+
+from fluxfleet.errors import BrokerUnavailable
+from fluxfleet.schema import ItemFailure, ItemRecord, JobState, JobStatus, TaskPayload
+from fluxfleet.settings import BrokerSettings
+
+ATTEMPTS_TTL_S = 7 * 24 * 3600
+
+
+def redis_client(broker: BrokerSettings) -> redis.Redis:
+    """A client for the broker's Redis with short timeouts, so an outage fails fast."""
+    return redis.Redis.from_url(
+        broker.url_with_password(),
+        socket_connect_timeout=broker.connect_timeout_s,
+        socket_timeout=max(broker.connect_timeout_s, 10.0),
+        decode_responses=True,
+        retry_on_timeout=False,
+    )
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, prefix: str = "fluxfleet") -> None:
+        self.r = client
+        self.prefix = prefix
+
+    @classmethod
+    def from_settings(cls, broker: BrokerSettings) -> JobStore:
+        return cls(redis_client(broker), broker.key_prefix)
+
+    def _k(self, job_id: str, part: str = "") -> str:
+        return f"{self.prefix}:job:{job_id}" + (f":{part}" if part else "")
+
+    def ping(self) -> None:
+        """Raise ``BrokerUnavailable`` unless Redis answers."""
+        try:
+            self.r.ping()
+        except redis.RedisError as e:
+            raise BrokerUnavailable(f"Redis is not reachable: {e}") from e
+
+    # -- producer side -------------------------------------------------------------------------
+    def exists(self, job_id: str) -> bool:
+        return bool(self.r.exists(self._k(job_id)))
+
+    def create(self, *, job_id: str, preset: str, model: str, tasks: list[TaskPayload]) -> None:
+        """Record a job as 'submitting' with all its tasks, in one round trip."""
+        total = sum(len(t.items) for t in tasks)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(
+            self._k(job_id),
+            mapping={
+                "preset": preset,
+                "model": model,
+                "total": total,
+                "tasks": len(tasks),
+                "state": "submitting",
+                "created_at": time.time(),
+            },
+        )
+        for chunk_start in range(0, len(tasks), 1000):
+            chunk = tasks[chunk_start : chunk_start + 1000]
+            pipe.hset(self._k(job_id, "tasks"), mapping={t.task_id: t.model_dump_json() for t in chunk})
+        pipe.zadd(f"{self.prefix}:jobs", {job_id: time.time()})
+        pipe.execute()
+
+    def set_state(self, job_id: str, state: JobState) -> None:
+        self.r.hset(self._k(job_id), "state", state)
+
+    def cancel(self, job_id: str) -> None:
+        self.r.hset(self._k(job_id), mapping={"state": "cancelled", "finished_at": time.time()})
+
+    def task_payloads(self, job_id: str) -> list[TaskPayload]:
+        raw = cast(dict[str, str], self.r.hgetall(self._k(job_id, "tasks")))
+        return [TaskPayload.model_validate_json(v) for v in raw.values()]
+
+    # -- worker side ---------------------------------------------------------------------------
+    def state(self, job_id: str) -> str | None:
+        return cast(str | None, self.r.hget(self._k(job_id), "state"))
+
+    def start_attempt(self, task_id: str) -> int:
+        """Count one more start of a task; the count caps retries of a poison input."""
+        key = f"{self.prefix}:attempts:{task_id}"
+        pipe = self.r.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, ATTEMPTS_TTL_S)
+        return int(pipe.execute()[0])
+
+    def is_finished(self, job_id: str, item_key: str) -> bool:
+        pipe = self.r.pipeline()
+        pipe.hexists(self._k(job_id, "done"), item_key)
+        pipe.hexists(self._k(job_id, "failed"), item_key)
+        pipe.sismember(self._k(job_id, "cancelled"), item_key)
+        return any(pipe.execute())
+
+    def record_done(self, record: ItemRecord) -> bool:
+        """Store a manifest line once; False if this item was already recorded."""
+        return bool(self.r.hsetnx(self._k(record.job_id, "done"), record.key, record.model_dump_json()))
+
+    def record_failed(self, failure: ItemFailure) -> None:
+        self.r.hsetnx(self._k(failure.job_id, "failed"), failure.key, failure.model_dump_json())
+
+    def record_cancelled(self, job_id: str, item_keys: Iterable[str]) -> None:
+        keys = list(item_keys)
+        if keys:
+            self.r.sadd(self._k(job_id, "cancelled"), *keys)
+
+    def finish_if_complete(self, job_id: str) -> bool:
+        """Mark the job done once every item has an outcome; True the first time that happens."""
+        status = self.status(job_id)
+        if status is None or status.finished < status.total or status.state not in ("running", "submitting"):
+            return False
+        state: JobState = "failed" if status.failed == status.total else "done"
+        pipe = self.r.pipeline()
+        pipe.hsetnx(self._k(job_id), "finished_at", time.time())
+        pipe.hset(self._k(job_id), "state", state)
+        return bool(pipe.execute()[0])
+
+    # -- both ----------------------------------------------------------------------------------
+    def records(self, job_id: str) -> list[ItemRecord]:
+        raw = cast(dict[str, str], self.r.hgetall(self._k(job_id, "done")))
+        return sorted((ItemRecord.model_validate_json(v) for v in raw.values()), key=lambda r: r.index)
+
+    def failures(self, job_id: str) -> list[ItemFailure]:
+        raw = cast(dict[str, str], self.r.hgetall(self._k(job_id, "failed")))
+        return sorted((ItemFailure.model_validate_json(v) for v in raw.values()), key=lambda f: f.index)
+
+    def status(self, job_id: str) -> JobStatus | None:
+        pipe = self.r.pipeline()
+        pipe.hgetall(self._k(job_id))
+        pipe.hvals(self._k(job_id, "done"))
+        pipe.hlen(self._k(job_id, "failed"))
+        pipe.scard(self._k(job_id, "cancelled"))
+        meta, done_values, failed, cancelled = pipe.execute()
+        if not meta:
+            return None
+        skipped = sum(1 for v in done_values if '"skipped":true' in v)
+        finished_at = meta.get("finished_at")
+        return JobStatus(
+            job_id=job_id,
+            preset=meta["preset"],
+            state=meta["state"],
+            total=int(meta["total"]),
+            done=len(done_values),
+            skipped=skipped,
+            failed=int(failed),
+            cancelled=int(cancelled),
+            created_at=float(meta["created_at"]),
+            finished_at=float(finished_at) if finished_at else None,
+        )

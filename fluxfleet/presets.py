@@ -1,0 +1,109 @@
+"""Presets: a model variant is data (a TOML file in ``config/presets/``), never a code branch.
+
+Usage::
+
+    preset = load_preset("bf16", settings.presets_dir)
+    preset.quantization.backend       # "none", "bnb-4bit", "torchao", ...
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+
+from fluxfleet.errors import ConfigurationError, UnknownPresetError
+from fluxfleet.settings import GenerationDefaults, Settings
+
+PlacementPolicy = Literal["auto", "gpu", "balanced", "model_offload", "group_offload", "cpu"]
+
+
+class QuantizationSpec(BaseModel):
+    """Which backend quantizes which components, with the backend's own options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str = "none"
+    components: list[str] = Field(default_factory=lambda: ["transformer", "text_encoder_2"])
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PlacementSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: PlacementPolicy = "auto"
+    group_offload_type: Literal["leaf_level", "block_level"] = "leaf_level"
+    group_offload_use_stream: bool = True
+    text_encoder_off_gpu_after_encode: bool = False
+
+
+class CompileSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    regional: bool = Field(True, description="compile the repeated transformer blocks, not the whole model")
+    fullgraph: bool = True
+    mode: str | None = None
+    dynamic: bool = False
+
+
+class WarmupSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(2, ge=1)
+    shapes: list[tuple[int, int]] = Field(default_factory=list, description="(width, height); empty: defaults")
+
+
+class Preset(BaseModel):
+    """One worker configuration: model, quantization, placement, compile and generation defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    model: str = Field(description="hub id or local directory in diffusers format")
+    single_file: str | None = Field(None, description="a .gguf/.safetensors transformer (path or URL)")
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_items_per_task: int = Field(4, ge=1, le=256)
+    batch_size: int = Field(1, ge=1, description="images per pipeline call inside a task")
+    quantization: QuantizationSpec = QuantizationSpec()
+    placement: PlacementSpec = PlacementSpec()
+    compile: CompileSpec = CompileSpec()
+    warmup: WarmupSpec = WarmupSpec()
+    defaults: dict[str, Any] = Field(default_factory=dict, description="overrides of GenerationDefaults")
+
+    def model_source(self, settings: Settings) -> str:
+        """The model to load: ``FLUXFLEET_MODEL_DIR`` overrides the preset's own source."""
+        return str(settings.model_dir) if settings.model_dir else self.model
+
+
+def preset_names(presets_dir: Path) -> list[str]:
+    return sorted(p.stem for p in presets_dir.glob("*.toml"))
+
+
+def load_preset(name: str, presets_dir: Path) -> Preset:
+    """Read ``<presets_dir>/<name>.toml``; an unknown name lists the known ones."""
+    path = presets_dir / f"{name}.toml"
+    if not path.is_file():
+        raise UnknownPresetError(name, preset_names(presets_dir))
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigurationError(f"{path}: {e}") from e
+    data.setdefault("name", name)
+    try:
+        return Preset.model_validate(data)
+    except PydanticValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigurationError(f"preset file {path}: {problems}") from e
+
+
+def effective_defaults(preset: Preset, settings: Settings) -> GenerationDefaults:
+    """Defaults < preset TOML < environment (only the fields the environment actually set)."""
+    merged = GenerationDefaults().model_dump()
+    merged.update(preset.defaults)
+    merged.update(settings.defaults.model_dump(include=settings.defaults.model_fields_set))
+    return GenerationDefaults.model_validate(merged)

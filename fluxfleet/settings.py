@@ -1,0 +1,157 @@
+"""Settings from the environment: one prefix, ``FLUXFLEET_``, nested with ``__``.
+
+Usage::
+
+    settings = Settings()                      # reads FLUXFLEET_* from the environment
+    settings.broker.url                        # FLUXFLEET_BROKER__URL
+    settings.worker.task_time_limit_s          # FLUXFLEET_WORKER__TASK_TIME_LIMIT_S
+
+Precedence, lowest first: these defaults < the preset's TOML < environment < command-line flags.
+Nothing is read at import time: entrypoints build ``Settings()`` once and pass it down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fluxfleet.errors import ConfigurationError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PRESETS_DIR = REPO_ROOT / "config" / "presets"
+
+
+class BrokerSettings(BaseModel):
+    """Where Redis is and how long an unacknowledged task may stay out."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    password: SecretStr | None = None
+    visibility_timeout_s: int = Field(3600, gt=0, description="seconds before an unacked task is re-queued")
+    restore_interval_s: float = Field(
+        10.0, gt=0, description="seconds between sweeps that re-queue overdue unacked tasks"
+    )
+    connect_timeout_s: float = Field(3.0, gt=0, description="seconds to wait for Redis before giving up")
+    key_prefix: str = "fluxfleet"
+
+    def url_with_password(self) -> str:
+        """The broker URL with ``password`` spliced in (a password already in the URL wins)."""
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ConfigurationError(
+                f"FLUXFLEET_BROKER__URL must start with redis:// or rediss://, got '{parts.scheme}://'"
+            )
+        if self.password is None or parts.password:
+            return self.url
+        host = parts.hostname or "127.0.0.1"
+        netloc = f":{quote(self.password.get_secret_value(), safe='')}@{host}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class StorageSettings(BaseModel):
+    """Where images and manifests go: ``file:///path`` or ``s3://bucket/prefix``."""
+
+    url: str = "file://./outputs"
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. MinIO")
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    max_attempts: int = Field(8, ge=1, description="boto3 standard-mode attempts per request")
+    upload_threads: int = Field(4, ge=1, description="background threads encoding and uploading images")
+
+
+class WorkerSettings(BaseModel):
+    """How a worker process runs its tasks."""
+
+    task_time_limit_s: int = Field(1800, gt=0, description="hard limit per task, seconds")
+    task_soft_time_limit_s: int = Field(1700, gt=0, description="soft limit per task, seconds")
+    max_attempts: int = Field(3, ge=1, description="times one task may start before its items fail")
+    load_timeout_s: int = Field(3600, gt=0, description="seconds allowed for loading and warming the model")
+    warmup: bool = True
+    metrics_port: int = Field(0, ge=0, description="Prometheus port; 0 turns the endpoint off")
+    metrics_address: str = "0.0.0.0"
+    gpu: str = Field("0", description="GPU index (or comma-separated indices) this worker owns")
+    device: str = Field("auto", description="'auto' (cuda when present), 'cuda' or 'cpu'")
+
+
+class LimitSettings(BaseModel):
+    """Bounds the producer and the worker both enforce on every item."""
+
+    min_size: int = 64
+    max_size: int = 2048
+    size_multiple: int = 16
+    max_steps: int = 150
+    max_guidance: float = 30.0
+    max_prompt_tokens: int = 512
+    max_images_per_prompt: int = 16
+
+
+class GenerationDefaults(BaseModel):
+    """Job-level defaults; a preset overrides them, the environment and flags override the preset."""
+
+    width: int = 1024
+    height: int = 1024
+    steps: int = 28
+    guidance: float = 3.5
+    max_sequence_length: int = 512
+
+
+class Settings(BaseSettings):
+    """Every setting of fluxfleet; see ``config/fluxfleet.env.example`` for the full list."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLUXFLEET_", env_nested_delimiter="__", extra="ignore", env_file=None
+    )
+
+    broker: BrokerSettings = BrokerSettings()
+    storage: StorageSettings = StorageSettings()
+    worker: WorkerSettings = WorkerSettings()
+    limits: LimitSettings = LimitSettings()
+    defaults: GenerationDefaults = GenerationDefaults()
+    presets_dir: Path = DEFAULT_PRESETS_DIR
+    model_dir: Path | None = Field(
+        None, description="overrides every preset's model source (e.g. the tiny model's directory)"
+    )
+
+    def with_overrides(self, **dotted: Any) -> Settings:
+        """A copy with ``section__field=value`` overrides from command-line flags (None is ignored).
+
+        Only explicitly set fields are carried over, so later layers can still tell what was set.
+        """
+        updates: dict[str, Any] = {}
+        for key, value in dotted.items():
+            if value is None:
+                continue
+            section, _, field = key.partition("__")
+            if not field:
+                updates[section] = value
+                continue
+            current = updates.get(section, getattr(self, section))
+            explicit = current.model_dump(include=current.model_fields_set)
+            updates[section] = type(current).model_validate({**explicit, field: value})
+        return self.model_copy(update=updates)
+
+
+def check_time_limits(settings: Settings) -> None:
+    """Refuse settings under which a long task would be delivered twice.
+
+    Redis re-queues a message whose task has not finished within the visibility timeout, so a
+    task allowed to run longer would run again, concurrently, on another worker.
+    """
+    worker, broker = settings.worker, settings.broker
+    if worker.task_soft_time_limit_s >= worker.task_time_limit_s:
+        raise ConfigurationError(
+            f"FLUXFLEET_WORKER__TASK_SOFT_TIME_LIMIT_S ({worker.task_soft_time_limit_s}) must be below "
+            f"FLUXFLEET_WORKER__TASK_TIME_LIMIT_S ({worker.task_time_limit_s})"
+        )
+    if broker.visibility_timeout_s <= worker.task_time_limit_s:
+        raise ConfigurationError(
+            f"FLUXFLEET_BROKER__VISIBILITY_TIMEOUT_S ({broker.visibility_timeout_s}) must exceed "
+            f"FLUXFLEET_WORKER__TASK_TIME_LIMIT_S ({worker.task_time_limit_s}); raise the first or "
+            "lower the second, or a long task is delivered to a second worker while it still runs"
+        )

@@ -1,0 +1,37 @@
+"""The storage interface every backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+
+class Storage(ABC):
+    """Write-once objects under string keys such as ``images/ab/abcd.png``."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise ``StorageError`` if the store cannot be reached or written (called at worker start)."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def put_if_absent(self, key: str, data: bytes, content_type: str) -> bool:
+        """Store ``data`` unless ``key`` exists; False when another attempt already wrote it."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Store ``data``, replacing any object at ``key`` (manifests, which are rebuilt whole)."""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """The object's bytes; ``KeyError`` when there is none."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys that start with ``prefix``."""
+
+    @abstractmethod
+    def location(self, key: str) -> str:
+        """Where a user finds the object: a path or an ``s3://`` URL."""

@@ -1,0 +1,120 @@
+"""Storage in an S3-compatible bucket through boto3 (AWS, MinIO, any server speaking S3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from fluxfleet.errors import StorageError
+from fluxfleet.settings import StorageSettings
+from fluxfleet.storage.base import Storage
+
+
+class S3Storage(Storage):
+    def __init__(self, client: Any, bucket: str, prefix: str) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+
+    @classmethod
+    def from_settings(cls, settings: StorageSettings) -> S3Storage:
+        import boto3
+        from botocore.config import Config
+
+        parts = urlsplit(settings.url)
+        config = Config(
+            retries={"mode": "standard", "max_attempts": settings.max_attempts},
+            # Older S3-compatible servers reject the CRC checksums boto3 sends by default.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            connect_timeout=5,
+            read_timeout=30,
+        )
+        secret = settings.secret_access_key
+        key_id = settings.access_key_id
+        client = boto3.client(
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            region_name=settings.region or "us-east-1",
+            aws_access_key_id=key_id.get_secret_value() if key_id else None,
+            aws_secret_access_key=secret.get_secret_value() if secret else None,
+            config=config,
+        )
+        return cls(client, parts.netloc, parts.path)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _error(self, action: str, key: str, e: Exception) -> StorageError:
+        return StorageError(f"S3 {action} s3://{self.bucket}/{self._key(key)} failed: {e}")
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as e:
+            raise StorageError(f"bucket '{self.bucket}' is not reachable: {e}") from e
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._error("HEAD", key, e) from e
+        except BotoCoreError as e:
+            raise self._error("HEAD", key, e) from e
+
+    def put_if_absent(self, key: str, data: bytes, content_type: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type, IfNoneMatch="*"
+            )
+            return True
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            # 412: another attempt already stored this key. 409: a concurrent conditional write is
+            # in flight; the object will exist once it completes.
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise self._error("PUT", key, e) from e
+        except BotoCoreError as e:
+            raise self._error("PUT", key, e) from e
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+        except (BotoCoreError, ClientError) as e:
+            raise self._error("PUT", key, e) from e
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            return bytes(body.read())
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                raise KeyError(key) from None
+            raise self._error("GET", key, e) from e
+        except BotoCoreError as e:
+            raise self._error("GET", key, e) from e
+
+    def list(self, prefix: str) -> Iterator[str]:
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+            for obj in page.get("Contents", []):
+                yield obj["Key"][strip:]
+
+    def location(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"

@@ -1,0 +1,226 @@
+"""The Python API: submit prompts, watch progress, read results.
+
+Usage::
+
+    client = Client.from_env()
+    job = client.submit(["a red fox in snow", "a lighthouse at dusk"], preset="tiny", steps=4, width=64, height=64)
+    job.wait(progress=True)
+    for record in job.results():
+        print(record.key, record.seed, record.location)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fluxfleet.celery_config import make_celery
+from fluxfleet.errors import BrokerUnavailable, FluxfleetError
+from fluxfleet.jobs import JobStore
+from fluxfleet.keys import TASK_GENERATE, manifest_key, queue_name
+from fluxfleet.manifest import write_manifest
+from fluxfleet.presets import Preset, effective_defaults, load_preset
+from fluxfleet.schema import ItemFailure, ItemRecord, JobStatus, TaskPayload
+from fluxfleet.settings import Settings
+from fluxfleet.storage import Storage, open_storage
+from producer.batching import build_items, new_job_id, split_tasks
+from producer.inputs import PromptSpec, read_prompts
+
+logger = logging.getLogger(__name__)
+
+PromptsLike = Path | str | Sequence[str | PromptSpec | dict[str, Any]]
+
+
+def _prompt_specs(prompts: PromptsLike) -> list[PromptSpec]:
+    if isinstance(prompts, Path):
+        return read_prompts(prompts)
+    if isinstance(prompts, str):
+        return [PromptSpec(prompt=prompts)]
+    specs = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, PromptSpec):
+            specs.append(p)
+        elif isinstance(p, str):
+            specs.append(PromptSpec(prompt=p, source=f"prompt {i + 1}"))
+        else:
+            extra = {k: v for k, v in p.items() if k != "prompt"}
+            specs.append(PromptSpec(prompt=p.get("prompt", ""), overrides=extra, source=f"prompt {i + 1}"))
+    return specs
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.jobs = JobStore.from_settings(self.settings.broker)
+        self._storage: Storage | None = None
+
+    @classmethod
+    def from_env(cls) -> Client:
+        """Settings from ``FLUXFLEET_*`` environment variables."""
+        return cls(Settings())
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            self._storage = open_storage(self.settings.storage)
+        return self._storage
+
+    def preset(self, name: str) -> Preset:
+        return load_preset(name, self.settings.presets_dir)
+
+    def submit(
+        self,
+        prompts: PromptsLike,
+        *,
+        preset: str,
+        job_id: str | None = None,
+        seed: int = 0,
+        images_per_prompt: int = 1,
+        **params: Any,
+    ) -> Job:
+        """Validate every item, record the job and enqueue its tasks; all or nothing.
+
+        ``params`` are job defaults: width, height, steps, guidance, max_sequence_length.
+        """
+        chosen = self.preset(preset)
+        model = chosen.model_source(self.settings)
+        defaults = effective_defaults(chosen, self.settings).model_copy(
+            update={k: v for k, v in params.items() if v is not None}
+        )
+        items = build_items(
+            _prompt_specs(prompts),
+            preset=chosen,
+            model=model,
+            defaults=defaults,
+            limits=self.settings.limits,
+            job_seed=seed,
+            images_per_prompt=images_per_prompt,
+        )
+        job_id = job_id or new_job_id()
+        self.jobs.ping()
+        if self.jobs.exists(job_id):
+            logger.info("job %s was already submitted; nothing enqueued", job_id)
+            job = Job(self, job_id)
+            job.already_submitted = True
+            return job
+        tasks = split_tasks(items, job_id=job_id, preset=chosen, model=model)
+        try:
+            self.jobs.create(job_id=job_id, preset=chosen.name, model=model, tasks=tasks)
+        except Exception as e:
+            raise BrokerUnavailable(f"could not record job {job_id}: {e}") from e
+        try:
+            self._publish(tasks, chosen.name)
+        except Exception as e:
+            # Already-published tasks see the 'aborted' state and generate nothing.
+            self._safely_abort(job_id)
+            raise BrokerUnavailable(f"job {job_id} not submitted: publishing failed: {e}") from e
+        self.jobs.set_state(job_id, "running")
+        spec = {"job_id": job_id, "preset": chosen.name, "model": model, "items": [i.model_dump() for i in items]}
+        self.storage.put(f"jobs/{job_id}/job.json", json.dumps(spec).encode(), "application/json")
+        return Job(self, job_id)
+
+    def _safely_abort(self, job_id: str) -> None:
+        try:
+            self.jobs.set_state(job_id, "aborted")
+        except Exception:  # Redis is gone too; workers will find no running job state.
+            logger.warning("could not mark job %s aborted", job_id)
+
+    def _publish(self, tasks: Iterable[TaskPayload], preset: str) -> None:
+        app = make_celery(self.settings, [preset])
+        queue = queue_name(preset)
+        with app.producer_or_acquire() as producer:
+            for task in tasks:
+                app.send_task(
+                    TASK_GENERATE,
+                    args=[task.model_dump(mode="json")],
+                    task_id=task.task_id,
+                    queue=queue,
+                    routing_key=queue,
+                    producer=producer,
+                )
+
+    def resume(self, job_id: str) -> int:
+        """Re-enqueue every task with an item that has no outcome yet; returns how many."""
+        self.jobs.ping()
+        status = self.jobs.status(job_id)
+        if status is None:
+            raise FluxfleetError(f"job {job_id} is unknown to Redis")
+        missing = [t for t in self.jobs.task_payloads(job_id) if not all(self.jobs.is_finished(job_id, i.key) for i in t.items)]
+        if missing:
+            self.jobs.set_state(job_id, "running")
+            self._publish(missing, status.preset)
+        return len(missing)
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, job_id)
+
+
+class Job:
+    """A submitted job, read from fluxfleet's records."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+        self.already_submitted = False
+
+    def status(self) -> JobStatus:
+        status = self.client.jobs.status(self.id)
+        if status is None:
+            raise FluxfleetError(f"unknown job '{self.id}'")
+        return status
+
+    def cancel(self) -> JobStatus:
+        self.client.jobs.cancel(self.id)
+        return self.status()
+
+    def wait(self, *, progress: bool = False, timeout: float | None = None, poll_s: float = 0.5) -> JobStatus:
+        """Block until every item has an outcome (or the job is cancelled); optional progress bar."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        status = self.status()
+        bar = None
+        if progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            bar = Progress(
+                TextColumn(f"job {self.id}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            )
+            bar.start()
+            bar_task = bar.add_task("images", total=status.total, rate="")
+        started = time.monotonic()
+        try:
+            while True:
+                status = self.status()
+                if bar is not None:
+                    elapsed = max(time.monotonic() - started, 1e-6)
+                    bar.update(bar_task, completed=status.finished, rate=f"{status.done / elapsed:.2f} img/s")
+                if status.is_terminal or status.finished >= status.total:
+                    return status
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {self.id}: {status.finished}/{status.total} finished after {timeout} s")
+                time.sleep(poll_s)
+        finally:
+            if bar is not None:
+                bar.stop()
+
+    def results(self) -> list[ItemRecord]:
+        """One record per stored image, sorted by item index (the manifest's lines)."""
+        return self.client.jobs.records(self.id)
+
+    def failures(self) -> list[ItemFailure]:
+        return self.client.jobs.failures(self.id)
+
+    def manifest_location(self) -> str:
+        """Where the manifest is; rewritten from the records if it is not there yet."""
+        storage = self.client.storage
+        if not storage.exists(manifest_key(self.id)):
+            return write_manifest(storage, self.client.jobs, self.id)
+        return storage.location(manifest_key(self.id))

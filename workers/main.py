@@ -1,0 +1,79 @@
+"""``python -m workers.main --preset NAME --gpu N``: one worker process owning one GPU.
+
+``CUDA_VISIBLE_DEVICES`` is set before anything can import torch, and this parent process never
+touches CUDA: the pipeline loads in the pool child, which Celery forks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("workers")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fluxfleet worker", description=__doc__)
+    parser.add_argument("--preset", required=True)
+    parser.add_argument("--gpu", default=None, help="GPU index (or indices, comma-separated) to own")
+    parser.add_argument("--metrics-port", type=int, default=None)
+    parser.add_argument("--loglevel", default=os.environ.get("FLUXFLEET_LOGLEVEL", "INFO"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from fluxfleet.errors import FluxfleetError
+    from fluxfleet.jobs import JobStore
+    from fluxfleet.keys import queue_name
+    from fluxfleet.presets import load_preset
+    from fluxfleet.settings import Settings, check_time_limits
+    from fluxfleet.storage import open_storage
+    from workers.app import build_app, runtime, worker_name
+    from workers.loading import check_model_source
+
+    try:
+        settings = Settings().with_overrides(worker__gpu=args.gpu, worker__metrics_port=args.metrics_port)
+        check_time_limits(settings)
+        preset = load_preset(args.preset, settings.presets_dir)
+        check_model_source(preset.model_source(settings))
+        open_storage(settings.storage).check()
+        JobStore.from_settings(settings.broker).ping()
+    except FluxfleetError as e:
+        logger.error("worker refuses to start: %s", e)
+        return 2
+
+    assert "torch" not in sys.modules, "the forking parent must never import torch"
+    failure = Path(tempfile.mkstemp(prefix="fluxfleet-worker-", suffix=".failure")[1])
+    runtime.failure_file = failure
+    try:
+        app = build_app(settings, preset)
+        worker = app.Worker(
+            pool="prefork",
+            concurrency=1,
+            queues=[queue_name(preset.name)],
+            hostname=worker_name(preset, settings.worker.gpu),
+            loglevel=args.loglevel.upper(),
+            without_gossip=True,
+            without_mingle=True,
+        )
+        worker.start()
+        reason = failure.read_text().strip()
+        if reason:
+            logger.error("worker stopped: %s", reason)
+            return 3
+        return int(worker.exitcode or 0)
+    finally:
+        failure.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
