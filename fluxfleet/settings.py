@@ -104,9 +104,7 @@ class GenerationDefaults(BaseModel):
 class Settings(BaseSettings):
     """Every setting of fluxfleet; see ``config/fluxfleet.env.example`` for the full list."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="FLUXFLEET_", env_nested_delimiter="__", extra="ignore", env_file=None
-    )
+    model_config = SettingsConfigDict(env_prefix="FLUXFLEET_", env_nested_delimiter="__", extra="ignore", env_file=None)
 
     broker: BrokerSettings = BrokerSettings()
     storage: StorageSettings = StorageSettings()

@@ -63,15 +63,25 @@ def submit(
         else:
             started = time.perf_counter()
             job = client.submit(
-                prompts, preset=preset, job_id=job_id, seed=seed, images_per_prompt=images_per_prompt,
-                width=width, height=height, steps=steps, guidance=guidance, max_sequence_length=max_sequence_length,
+                prompts,
+                preset=preset,
+                job_id=job_id,
+                seed=seed,
+                images_per_prompt=images_per_prompt,
+                width=width,
+                height=height,
+                steps=steps,
+                guidance=guidance,
+                max_sequence_length=max_sequence_length,
             )
             job_id = job.id
             status = job.status()
             if as_json:
                 print(json.dumps({"job_id": job.id, "total": status.total, "already_submitted": job.already_submitted}))
             elif job.already_submitted:
-                console.print(f"job {job.id} was already submitted ({status.state}, {status.finished}/{status.total}); nothing enqueued")
+                console.print(
+                    f"job {job.id} was already submitted ({status.state}, {status.finished}/{status.total}); nothing enqueued"
+                )
             else:
                 console.print(f"submitted job {job.id}: {status.total} images in {time.perf_counter() - started:.2f} s")
         if wait:
@@ -96,7 +106,9 @@ def _print_summary(client: Client, job_id: str, status: dict[str, Any]) -> None:
         )
     console.print(f"  manifest: {client.job(job_id).manifest_location()}")
     if records:
-        console.print(f"  images:   {Path(records[0].location).parent.parent if records[0].location.startswith('/') else records[0].location.rsplit('/', 2)[0]}")
+        console.print(
+            f"  images:   {Path(records[0].location).parent.parent if records[0].location.startswith('/') else records[0].location.rsplit('/', 2)[0]}"
+        )
 
 
 @app.command()
@@ -163,9 +175,13 @@ def presets(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     table = Table("preset", "backend", "components", "placement", "compile", "items/task", "description")
     for p in rows:
         table.add_row(
-            p.name, p.quantization.backend, ",".join(p.quantization.components) if p.quantization.backend != "none" else "-",
-            p.placement.policy, "regional" if p.compile.enabled and p.compile.regional else ("whole" if p.compile.enabled else "off"),
-            str(p.max_items_per_task), p.description,
+            p.name,
+            p.quantization.backend,
+            ",".join(p.quantization.components) if p.quantization.backend != "none" else "-",
+            p.placement.policy,
+            "regional" if p.compile.enabled and p.compile.regional else ("whole" if p.compile.enabled else "off"),
+            str(p.max_items_per_task),
+            p.description,
         )
     console.print(table)
 

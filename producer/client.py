@@ -149,7 +149,9 @@ class Client:
         status = self.jobs.status(job_id)
         if status is None:
             raise FluxfleetError(f"job {job_id} is unknown to Redis")
-        missing = [t for t in self.jobs.task_payloads(job_id) if not all(self.jobs.is_finished(job_id, i.key) for i in t.items)]
+        missing = [
+            t for t in self.jobs.task_payloads(job_id) if not all(self.jobs.is_finished(job_id, i.key) for i in t.items)
+        ]
         if missing:
             self.jobs.set_state(job_id, "running")
             self._publish(missing, status.preset)
@@ -183,7 +185,14 @@ class Job:
         status = self.status()
         bar = None
         if progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             bar = Progress(
                 TextColumn(f"job {self.id}"),

@@ -50,12 +50,15 @@ def start_engine(settings: Settings, preset: Preset) -> Any:
     from workers.engine import Engine
     from workers.generation import pipeline_generate
     from workers.loading import load_pipeline, warm_up
+    from workers.observer import Observer
 
+    observer = Observer()
     loaded = load_pipeline(preset, settings)
     if settings.worker.warmup:
         warm_up(loaded, preset, effective_defaults(preset, settings))
     return Engine(
-        generate=pipeline_generate(loaded),
+        generate=pipeline_generate(loaded, observer),
+        observer=observer,
         preset=preset,
         model=loaded.model,
         settings=settings,

@@ -24,6 +24,7 @@ from fluxfleet.schema import Item, ItemFailure, ItemRecord, TaskPayload, Timings
 from fluxfleet.settings import Settings
 from fluxfleet.storage import Storage
 from fluxfleet.validation import TokenCounter, validate_params, validate_prompt
+from workers.observer import Observer
 from workers.png import encode_png
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Engine:
         jobs: JobStore,
         worker_name: str,
         gpu: str,
+        observer: Observer | None = None,
     ) -> None:
         self.generate = generate
         self.preset = preset
@@ -72,6 +74,7 @@ class Engine:
         self.jobs = jobs
         self.worker_name = worker_name
         self.gpu = gpu
+        self.observer = observer or Observer()
         self.counter = TokenCounter(model)
         self.uploads = ThreadPoolExecutor(settings.storage.upload_threads, thread_name_prefix="upload")
         self.stop_requested = threading.Event()
@@ -90,9 +93,10 @@ class Engine:
             if expected != item.key:
                 raise ValidationError("item key does not match its request", where=where, field="key")
 
-    def _fail_all(self, payload: TaskPayload, items: list[Item], reason: str) -> None:
+    def _fail_all(self, payload: TaskPayload, items: list[Item], reason: str, label: str) -> None:
         now = time.time()
         for item in items:
+            self.observer.item_failed(label)
             self.jobs.record_failed(
                 ItemFailure(job_id=payload.job_id, index=item.index, key=item.key, reason=reason, finished_at=now)
             )
@@ -102,6 +106,7 @@ class Engine:
         outcome = TaskOutcome()
         received = time.time()
         queue_wait = max(0.0, received - payload.enqueued_at)
+        self.observer.stage("queue_wait", queue_wait, len(payload.items))
         pending = [i for i in payload.items if not self.jobs.is_finished(payload.job_id, i.key)]
         outcome.already_done = len(payload.items) - len(pending)
         if not pending:
@@ -110,7 +115,7 @@ class Engine:
         try:
             self._check(payload)
         except JobError as e:
-            self._fail_all(payload, pending, str(e))
+            self._fail_all(payload, pending, str(e), "invalid")
             outcome.failed = len(pending)
             self._finish(payload.job_id)
             return outcome
@@ -118,7 +123,10 @@ class Engine:
         attempt = self.jobs.start_attempt(payload.task_id)
         if attempt > self.settings.worker.max_attempts:
             self._fail_all(
-                payload, pending, f"gave up after {attempt - 1} attempts: the worker died or timed out each time"
+                payload,
+                pending,
+                f"gave up after {attempt - 1} attempts: the worker died or timed out each time",
+                "attempts",
             )
             outcome.failed = len(pending)
             self._finish(payload.job_id)
@@ -181,8 +189,13 @@ class Engine:
             finished_at=time.time(),
         )
         # The record is written after the image, so a record always points at a stored image.
-        self.storage.put_if_absent(record_key(payload.job_id, item.key), record.model_dump_json().encode(), "application/json")
-        self.jobs.record_done(record)
+        self.storage.put_if_absent(
+            record_key(payload.job_id, item.key), record.model_dump_json().encode(), "application/json"
+        )
+        if self.jobs.record_done(record):
+            self.observer.item_done(
+                timings.queue_wait_s + timings.generate_s + timings.encode_s + timings.upload_s, skipped
+            )
 
     def _record_existing(self, payload: TaskPayload, item: Item, queue_wait: float) -> None:
         import hashlib
@@ -194,9 +207,11 @@ class Engine:
         started = time.perf_counter()
         data, sha256 = encode_png(image, item, payload.preset, payload.model)
         timings.encode_s = time.perf_counter() - started
+        self.observer.stage("png_encode", timings.encode_s)
         started = time.perf_counter()
         self.storage.put_if_absent(image_key(item.key), data, "image/png")
         timings.upload_s = time.perf_counter() - started
+        self.observer.stage("upload", timings.upload_s)
         self._record(payload, item, sha256, timings, skipped=False)
         logger.debug("stored %s (%s)", item.key, payload.job_id)
 

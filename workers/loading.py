@@ -44,7 +44,9 @@ def check_model_source(source: str) -> None:
     if looks_local(source):
         path = Path(source).expanduser()
         if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"model directory '{source}' has no model_index.json (missing or not diffusers format)")
+            raise ModelLoadError(
+                f"model directory '{source}' has no model_index.json (missing or not diffusers format)"
+            )
 
 
 def load_pipeline(preset: Preset, settings: Settings) -> LoadedPipeline:

@@ -16,12 +16,73 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-VOCAB_WORDS = (
-    "a an the of in on with and at by over under near from to style photo painting portrait "
-    "city street palace forest river mountain sea sky night day light dark red blue green gold "
-    "silver black white cat dog bird horse robot ship car train house tower bridge garden "
-    "lamp rain snow fire water stone glass wood metal flower tree cloud star moon sun"
-).split()
+VOCAB_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "in",
+    "on",
+    "with",
+    "and",
+    "at",
+    "by",
+    "over",
+    "under",
+    "near",
+    "from",
+    "to",
+    "style",
+    "photo",
+    "painting",
+    "portrait",
+    "city",
+    "street",
+    "palace",
+    "forest",
+    "river",
+    "mountain",
+    "sea",
+    "sky",
+    "night",
+    "day",
+    "light",
+    "dark",
+    "red",
+    "blue",
+    "green",
+    "gold",
+    "silver",
+    "black",
+    "white",
+    "cat",
+    "dog",
+    "bird",
+    "horse",
+    "robot",
+    "ship",
+    "car",
+    "train",
+    "house",
+    "tower",
+    "bridge",
+    "garden",
+    "lamp",
+    "rain",
+    "snow",
+    "fire",
+    "water",
+    "stone",
+    "glass",
+    "wood",
+    "metal",
+    "flower",
+    "tree",
+    "cloud",
+    "star",
+    "moon",
+    "sun",
+]
 TINY_SEED = 0
 
 
@@ -71,7 +132,11 @@ def _t5_tokenizer(directory: Path) -> int:
     tok.decoder = decoders.Metaspace()
     directory.mkdir(parents=True, exist_ok=True)
     fast = T5TokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+        tokenizer_object=tok,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
         model_max_length=512,
     )
     fast.save_pretrained(directory)
@@ -105,21 +170,45 @@ def build_tiny_pipeline(directory: Path) -> Path:
     clip_vocab = len(json.loads((tmp / "clip" / "vocab.json").read_text()))
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-            num_attention_heads=4, num_hidden_layers=2, vocab_size=clip_vocab, projection_dim=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=clip_vocab,
+            projection_dim=32,
             max_position_embeddings=77,
         )
     )
     text_encoder_2 = T5EncoderModel(
-        T5Config(vocab_size=t5_vocab, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        T5Config(
+            vocab_size=t5_vocab,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
     )
     vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3,
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
     )
     for module in (transformer, text_encoder, text_encoder_2, vae):
         module.eval()

@@ -18,7 +18,9 @@ def pipeline_kwargs(preset: Preset, dtype: Any) -> dict[str, Any]:
     backend = preset.quantization.backend
     if backend == "none":
         return {}
-    raise ConfigurationError(f"preset '{preset.name}': unknown quantization backend '{backend}'; known: {KNOWN_BACKENDS}")
+    raise ConfigurationError(
+        f"preset '{preset.name}': unknown quantization backend '{backend}'; known: {KNOWN_BACKENDS}"
+    )
 
 
 def post_load(pipe: Any, preset: Preset, device: str) -> None:
@@ -30,4 +32,6 @@ def post_load(pipe: Any, preset: Preset, device: str) -> None:
         else:
             import torch
 
-            pipe.transformer = torch.compile(pipe.transformer, fullgraph=preset.compile.fullgraph, mode=preset.compile.mode)
+            pipe.transformer = torch.compile(
+                pipe.transformer, fullgraph=preset.compile.fullgraph, mode=preset.compile.mode
+            )
