@@ -50,12 +50,13 @@ def start_engine(settings: Settings, preset: Preset) -> Any:
     from workers.engine import Engine
     from workers.generation import pipeline_generate
     from workers.loading import load_pipeline, warm_up
-    from workers.observer import Observer
+    from workers.metrics import child_observer
 
-    observer = Observer()
+    observer = child_observer(settings, preset)
     loaded = load_pipeline(preset, settings)
     if settings.worker.warmup:
         warm_up(loaded, preset, effective_defaults(preset, settings))
+    observer.pipeline_ready(loaded)
     return Engine(
         generate=pipeline_generate(loaded, observer),
         observer=observer,

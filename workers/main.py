@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from fluxfleet.storage import open_storage
     from workers.app import build_app, runtime, worker_name
     from workers.loading import check_model_source
+    from workers.metrics import setup_metrics
 
     try:
         settings = Settings().with_overrides(worker__gpu=args.gpu, worker__metrics_port=args.metrics_port)
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         check_model_source(preset.model_source(settings))
         open_storage(settings.storage).check()
         JobStore.from_settings(settings.broker).ping()
+        setup_metrics(settings, preset)  # before Celery forks: the endpoint lives in this parent
     except FluxfleetError as e:
         logger.error("worker refuses to start: %s", e)
         return 2
