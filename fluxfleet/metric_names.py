@@ -32,7 +32,9 @@ SECONDS_BUCKETS = (
 )  # fmt: skip
 """From 5 ms (PNG encode of a tiny image) to 20 minutes (a long queue wait or a slow offloaded preset)."""
 
-GaugeMode = Literal["all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum", "mostrecent", "livemostrecent"]
+GaugeMode = Literal[
+    "all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum", "mostrecent", "livemostrecent"
+]
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Usage::
 
     preset = load_preset("bf16", settings.presets_dir)
-    preset.quantization.backend       # "none", "bnb-4bit", "torchao", ...
+    preset.quantization.backend       # "none", "bitsandbytes", "torchao", "quanto", "gguf", "layerwise"
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from fluxfleet.errors import ConfigurationError, UnknownPresetError
 from fluxfleet.settings import GenerationDefaults, Settings
 
 PlacementPolicy = Literal["auto", "gpu", "balanced", "model_offload", "group_offload", "cpu"]
+QuantizationBackend = Literal["none", "bitsandbytes", "torchao", "quanto", "gguf", "layerwise"]
 
 
 class QuantizationSpec(BaseModel):
@@ -26,7 +27,7 @@ class QuantizationSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: str = "none"
+    backend: QuantizationBackend = "none"
     components: list[str] = Field(default_factory=lambda: ["transformer", "text_encoder_2"])
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -37,6 +38,8 @@ class PlacementSpec(BaseModel):
     policy: PlacementPolicy = "auto"
     group_offload_type: Literal["leaf_level", "block_level"] = "leaf_level"
     group_offload_use_stream: bool = True
+    group_offload_components: list[str] = Field(default_factory=lambda: ["transformer"])
+    num_blocks_per_group: int = Field(1, ge=1, description="blocks moved together at block_level")
     text_encoder_off_gpu_after_encode: bool = False
 
 
@@ -57,6 +60,35 @@ class WarmupSpec(BaseModel):
     shapes: list[tuple[int, int]] = Field(default_factory=list, description="(width, height); empty: defaults")
 
 
+class SpeedSpec(BaseModel):
+    """Speed levers applied after placement (``workers/speed.py``); every default leaves the pipeline as loaded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attention_backend: str | None = Field(
+        None, description="diffusers attention backend for the transformer, e.g. '_native_cudnn' (cuDNN SDPA)"
+    )
+    fuse_qkv: bool = Field(False, description="fuse the Q/K/V (and added Q/K/V) projections into one GEMM each")
+    transformer_fp8: Literal["none", "dynamic_row", "weight_only"] = Field(
+        "none", description="torchao float8 for the transformer's linear layers: row-wise dynamic or weight-only"
+    )
+    text_encoder_2_fp8: Literal["none", "dynamic_row", "weight_only"] = Field(
+        "none", description="torchao float8 for T5's linear layers (weight-only halves its memory)"
+    )
+    vae_tiling: bool = False
+    compile_vae_decoder: bool = False
+    compile_cache: bool = Field(False, description="load/save compiled artifacts in a shared cache directory")
+    compile_cache_dir: str | None = Field(
+        None, description="shared cache directory; FLUXFLEET_COMPILE_CACHE_DIR overrides; default ~/.cache/fluxfleet"
+    )
+    recompile_limit: int = Field(8, ge=1, description="recompiles allowed per compiled block before eager fallback")
+    warm_up: bool = Field(True, description="compile at the warm-up shapes inside the speed step (before saving)")
+
+    @property
+    def enabled(self) -> bool:
+        return self != SpeedSpec()
+
+
 class Preset(BaseModel):
     """One worker configuration: model, quantization, placement, compile and generation defaults."""
 
@@ -73,6 +105,7 @@ class Preset(BaseModel):
     placement: PlacementSpec = PlacementSpec()
     compile: CompileSpec = CompileSpec()
     warmup: WarmupSpec = WarmupSpec()
+    speed: SpeedSpec = SpeedSpec()
     defaults: dict[str, Any] = Field(default_factory=dict, description="overrides of GenerationDefaults")
 
     def model_source(self, settings: Settings) -> str:

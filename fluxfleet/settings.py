@@ -77,6 +77,9 @@ class WorkerSettings(BaseModel):
     metrics_address: str = "0.0.0.0"
     gpu: str = Field("0", description="GPU index (or comma-separated indices) this worker owns")
     device: str = Field("auto", description="'auto' (cuda when present), 'cuda' or 'cpu'")
+    ready_file: Path | None = Field(
+        None, description="written once the pipeline is loaded and warm (a Kubernetes readiness probe checks it)"
+    )
 
 
 class LimitSettings(BaseModel):

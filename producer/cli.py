@@ -11,10 +11,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from fluxfleet.errors import FluxfleetError
-from fluxfleet.presets import load_preset, preset_names
 from fluxfleet.settings import Settings
 from producer.client import Client
 
@@ -164,28 +162,6 @@ def results(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = True
         err.print(f"failed: item {failure.index} ({failure.key}): {failure.reason}")
 
 
-@app.command()
-def presets(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """The presets a worker can load."""
-    settings = Settings()
-    rows = [load_preset(name, settings.presets_dir) for name in preset_names(settings.presets_dir)]
-    if as_json:
-        print(json.dumps([p.model_dump() for p in rows]))
-        return
-    table = Table("preset", "backend", "components", "placement", "compile", "items/task", "description")
-    for p in rows:
-        table.add_row(
-            p.name,
-            p.quantization.backend,
-            ",".join(p.quantization.components) if p.quantization.backend != "none" else "-",
-            p.placement.policy,
-            "regional" if p.compile.enabled and p.compile.regional else ("whole" if p.compile.enabled else "off"),
-            str(p.max_items_per_task),
-            p.description,
-        )
-    console.print(table)
-
-
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker(
     preset: Annotated[str, typer.Option()],
@@ -227,3 +203,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+from producer import cli_fleet  # noqa: E402,F401
+from producer import cli_observe  # noqa: E402,F401
+from producer import cli_compare  # noqa: E402,F401
+from producer import cli_models  # noqa: E402,F401

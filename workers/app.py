@@ -25,6 +25,7 @@ from fluxfleet.presets import Preset, effective_defaults
 from fluxfleet.schema import TaskPayload
 from fluxfleet.settings import Settings
 from fluxfleet.storage import open_storage
+from workers.metrics import retry_reason
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,10 @@ def build_app(settings: Settings, preset: Preset, engine_factory: Any = start_en
             os.kill(os.getppid(), signal.SIGTERM)
             os._exit(3)
         logger.info("worker ready: preset %s", preset.name)
+        if settings.worker.ready_file is not None:
+            # Readiness only after warm-up: probes (Kubernetes, `fluxfleet up`) wait for this file.
+            settings.worker.ready_file.parent.mkdir(parents=True, exist_ok=True)
+            settings.worker.ready_file.write_text(f"{os.getpid()}\n")
 
     @worker_process_shutdown.connect(weak=False)
     def drain_uploads(**_: Any) -> None:
@@ -105,6 +110,7 @@ def build_app(settings: Settings, preset: Preset, engine_factory: Any = start_en
                 raise
             error = e if isinstance(e, TransientError) else StorageError(str(e))
             logger.warning("task %s: %s; retry %d", task.task_id, error, retries + 1)
+            runtime.engine.observer.task_retry(retry_reason(error))
             raise self.retry(exc=error, countdown=RETRY_BACKOFF_S[retries]) from e
         return {"generated": outcome.generated, "skipped": outcome.skipped, "failed": outcome.failed}
 

@@ -25,6 +25,7 @@ class LoadedPipeline:
     model: str
     load_s: float
     warmup_s: float = 0.0
+    memory: Any = None  # workers.backends.footprint.MemoryRecord: per component, after load, peaks
 
 
 def resolve_device(setting: str) -> str:
@@ -53,27 +54,43 @@ def load_pipeline(preset: Preset, settings: Settings) -> LoadedPipeline:
     import torch
     from diffusers import FluxPipeline
 
-    from workers.backends import pipeline_kwargs, post_load
+    from fluxfleet.errors import FluxfleetError
+    from workers.backends import after_load, pipeline_kwargs, post_load, saved_quantization
+    from workers.backends.footprint import record_after_load
+    from workers.placement import load_kwargs, plan_for_device
+    from workers.speed import apply_speed
 
     source = preset.model_source(settings)
     check_model_source(source)
     device = resolve_device(settings.worker.device)
     dtype = getattr(torch, preset.dtype)
+    # Decide before loading: a balanced placement is a from_pretrained argument; refusals come first.
+    placement = plan_for_device(preset, device)
     started = time.perf_counter()
+    prequantized = saved_quantization(source)
     try:
-        kwargs = pipeline_kwargs(preset, dtype)
-        pipe = FluxPipeline.from_pretrained(source, torch_dtype=dtype, **kwargs)
-    except Exception as e:  # any failure here means this worker cannot serve its preset
+        # A directory written by `fluxfleet quantize` carries its quantization config: load it as saved.
+        kwargs = {} if prequantized else pipeline_kwargs(preset, dtype, source)
+        pipe = FluxPipeline.from_pretrained(source, torch_dtype=dtype, **kwargs, **load_kwargs(placement))
+        if not prequantized:
+            after_load(pipe, preset, dtype)
+    except FluxfleetError:
+        raise  # already names the preset and what to change (missing extra, bad option, bad GGUF file)
+    except Exception as e:  # any other failure here means this worker cannot serve its preset
         raise ModelLoadError(f"preset '{preset.name}': cannot load model '{source}': {e}") from e
+    if prequantized:
+        logger.info("preset %s: loaded pre-quantized components %s from %s", preset.name, prequantized, source)
     for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
         component = getattr(pipe, name, None)
         if component is not None:
             component.eval()
-    post_load(pipe, preset, device)
+    post_load(pipe, preset, device, placement)
+    apply_speed(pipe, preset, device)  # the preset's [speed] levers; a no-op without them
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - started
     logger.info("loaded preset %s (%s) on %s in %.1f s", preset.name, source, device, load_s)
-    return LoadedPipeline(pipe=pipe, device=device, model=source, load_s=load_s)
+    memory = record_after_load(pipe, preset.name, device)
+    return LoadedPipeline(pipe=pipe, device=device, model=source, load_s=load_s, memory=memory)
 
 
 def warm_up(loaded: LoadedPipeline, preset: Preset, defaults: GenerationDefaults) -> float:

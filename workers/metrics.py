@@ -115,6 +115,17 @@ def _use_multiprocess_values(directory: Path) -> None:
     values.ValueClass = values.get_value_class()
 
 
+DIR_PREFIX = "fluxfleet-metrics-"
+
+
+def _remove_stale_directories() -> None:
+    """Remove multiprocess directories left by workers that were killed (no atexit ran)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{DIR_PREFIX}*-*-*"):
+        pid = path.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @dataclass
 class MetricsEndpoint:
     url: str
@@ -144,7 +155,8 @@ def setup_metrics(settings: Settings, preset: Preset) -> MetricsEndpoint | None:
 
     labels = worker_labels(settings, preset)
     safe = f"{preset.name}-gpu{settings.worker.gpu.replace(',', '_')}"
-    directory = Path(tempfile.mkdtemp(prefix=f"fluxfleet-metrics-{safe}-"))
+    _remove_stale_directories()
+    directory = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{safe}-{os.getpid()}-"))
     _use_multiprocess_values(directory)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(LiveCollector(directory))
@@ -284,3 +296,17 @@ def _peak_resident_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def retry_reason(error: BaseException) -> str:
+    """The ``reason`` label of a task retry: 'oom', 'storage', 'timeout' or 'transient'."""
+    from fluxfleet.errors import StorageError
+
+    name = type(error).__name__.lower()
+    if "outofmemory" in name or "out of memory" in str(error).lower():
+        return "oom"
+    if isinstance(error, StorageError):
+        return "storage"
+    if "timeout" in name:
+        return "timeout"
+    return "transient"

@@ -1,0 +1,156 @@
+"""``fluxfleet compare A B``: PSNR and SSIM between two sets of images.
+
+A and B are each a directory of images (matched by file name) or a job manifest (``manifest.jsonl``,
+matched by prompt and seed, so the same job run on two presets pairs up). Typical use with real weights:
+run one job on ``bf16`` and on ``fast``, then ``fluxfleet compare bf16/manifest.jsonl fast/manifest.jsonl``.
+
+SSIM is the standard one (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, on luma in [0, 255].
+Numpy only, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from producer.cli import app, console, err
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def load_luma(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float64)
+    return rgb @ np.array([0.299, 0.587, 0.114])
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.float64)
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def _gaussian_filter(x: np.ndarray, size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """'valid' separable Gaussian filtering of a 2-D array."""
+    r = np.arange(size) - (size - 1) / 2
+    k = np.exp(-(r**2) / (2 * sigma**2))
+    k /= k.sum()
+    rows = np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 1, x)
+    return np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 0, rows)
+
+
+def ssim(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    if min(a.shape) < 11:
+        raise ValueError("images smaller than the 11x11 SSIM window")
+    c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
+    mu_a, mu_b = _gaussian_filter(a), _gaussian_filter(b)
+    saa = _gaussian_filter(a * a) - mu_a**2
+    sbb = _gaussian_filter(b * b) - mu_b**2
+    sab = _gaussian_filter(a * b) - mu_a * mu_b
+    num = (2 * mu_a * mu_b + c1) * (2 * sab + c2)
+    den = (mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2)
+    return float(np.mean(num / den))
+
+
+def _manifest_entries(path: Path) -> dict[str, Path]:
+    entries: dict[str, Path] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record: dict[str, Any] = json.loads(line)
+        location = str(record.get("location", ""))
+        if location.startswith("file://"):
+            location = location[len("file://") :]
+        if "://" in location:
+            raise typer.BadParameter(f"{path}: only local image locations can be compared, not '{location}'")
+        image = Path(location)
+        if not image.is_absolute():
+            image = path.parent / image
+        params = record.get("params") or {}
+        name = f"seed={record.get('seed')} {params.get('width')}x{params.get('height')} | {record.get('prompt', '')}"
+        entries[name] = image
+    return entries
+
+
+def collect(source: Path) -> dict[str, Path]:
+    """Name -> image path, from a directory (file names) or a manifest (prompt, seed and size)."""
+    if source.is_dir():
+        return {p.name: p for p in sorted(source.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    if source.is_file():
+        return _manifest_entries(source)
+    raise typer.BadParameter(f"'{source}' is neither an image directory nor a manifest file")
+
+
+def compare_sets(a: dict[str, Path], b: dict[str, Path]) -> list[dict[str, Any]]:
+    rows = []
+    for name in sorted(set(a) & set(b)):
+        ya, yb = load_luma(a[name]), load_luma(b[name])
+        if ya.shape != yb.shape:
+            rows.append({"name": name, "error": f"sizes differ: {ya.shape} vs {yb.shape}"})
+            continue
+        rows.append({"name": name, "psnr_db": psnr(load_rgb(a[name]), load_rgb(b[name])), "ssim": ssim(ya, yb)})
+    return rows
+
+
+@app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(help="image directory or manifest.jsonl (the reference)")],
+    b: Annotated[Path, typer.Argument(help="image directory or manifest.jsonl (the candidate)")],
+    min_psnr: Annotated[float | None, typer.Option(help="exit 1 if the mean PSNR (dB) is lower")] = None,
+    min_ssim: Annotated[float | None, typer.Option(help="exit 1 if the mean SSIM is lower")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """PSNR (RGB) and SSIM (luma) between matching images of two directories or job manifests."""
+    set_a, set_b = collect(a), collect(b)
+    rows = compare_sets(set_a, set_b)
+    ok = [r for r in rows if "error" not in r]
+    finite = [r["psnr_db"] for r in ok if math.isfinite(r["psnr_db"])]
+    summary = {
+        "pairs": len(ok),
+        "only_in_a": len(set(set_a) - set(set_b)),
+        "only_in_b": len(set(set_b) - set(set_a)),
+        "size_mismatch": len(rows) - len(ok),
+        "mean_psnr_db": (sum(finite) / len(finite)) if finite else (math.inf if ok else None),
+        "min_psnr_db": min((r["psnr_db"] for r in ok), default=None),
+        "mean_ssim": (sum(r["ssim"] for r in ok) / len(ok)) if ok else None,
+        "min_ssim": min((r["ssim"] for r in ok), default=None),
+    }
+    if as_json:
+        print(json.dumps({"summary": summary, "images": rows}, default=str))
+    else:
+        from rich.table import Table
+
+        table = Table("image", "PSNR dB", "SSIM")
+        for r in rows:
+            if "error" in r:
+                table.add_row(r["name"], "-", r["error"])
+            else:
+                table.add_row(r["name"], f"{r['psnr_db']:.2f}", f"{r['ssim']:.4f}")
+        console.print(table)
+        console.print(
+            f"{summary['pairs']} pairs; mean PSNR {summary['mean_psnr_db']} dB, mean SSIM {summary['mean_ssim']};"
+            f" only in A: {summary['only_in_a']}, only in B: {summary['only_in_b']}"
+        )
+    if not ok:
+        err.print("[red]error:[/red] no matching images to compare")
+        raise typer.Exit(2)
+    failed = (min_psnr is not None and summary["mean_psnr_db"] < min_psnr) or (
+        min_ssim is not None and summary["mean_ssim"] < min_ssim
+    )
+    if failed:
+        raise typer.Exit(1)

@@ -1,0 +1,142 @@
+"""``fluxfleet presets``, ``plan`` and ``quantize``: what a preset needs and where it would live.
+
+Registered on the main app (``producer/cli.py`` imports this module last). Nothing here imports
+torch: ``quantize`` runs ``python -m workers.quantize`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from fluxfleet.errors import FluxfleetError
+from fluxfleet.planner import GIB, Placement, component_bytes, parse_bytes, plan_placement
+from fluxfleet.presets import Preset, load_preset, preset_names
+from fluxfleet.settings import Settings
+from producer.cli import _fail, app, console
+
+
+def component_backends(preset: Preset) -> dict[str, str]:
+    """Which backend holds each component ('none' where it stays in the preset's dtype)."""
+    q = preset.quantization
+    quantized = {"transformer"} if q.backend == "gguf" else set(q.components)
+    return {c: (q.backend if c in quantized and q.backend != "none" else "none") for c in component_bytes(preset)}
+
+
+def describe(preset: Preset) -> dict[str, Any]:
+    """One preset as ``fluxfleet presets --json`` prints it."""
+    est = component_bytes(preset)
+    return {
+        **preset.model_dump(),
+        "backends": component_backends(preset),
+        "estimated_bytes": est,
+        "estimated_total_bytes": sum(est.values()),
+    }
+
+
+def _compile_label(preset: Preset) -> str:
+    if not preset.compile.enabled:
+        return "off"
+    return ("regional" if preset.compile.regional else "whole") + (
+        "" if preset.compile.fullgraph else " (graph breaks ok)"
+    )
+
+
+@app.command()
+def presets(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The presets a worker can load, with the estimated memory of each."""
+    settings = Settings()
+    try:
+        rows = [load_preset(name, settings.presets_dir) for name in preset_names(settings.presets_dir)]
+    except FluxfleetError as e:
+        raise _fail(e) from e
+    if as_json:
+        print(json.dumps([describe(p) for p in rows]))
+        return
+    table = Table("preset", "backend", "components", "placement", "compile", "est. GiB", "items/task", "description")
+    for p in rows:
+        table.add_row(
+            p.name,
+            p.quantization.backend,
+            ",".join(c for c, b in component_backends(p).items() if b != "none") or "-",
+            p.placement.policy,
+            _compile_label(p),
+            f"{sum(component_bytes(p).values()) / GIB:.1f}",
+            str(p.max_items_per_task),
+            p.description,
+        )
+    console.print(table)
+
+
+def _plan_dict(plan: Placement) -> dict[str, Any]:
+    return {
+        "policy": plan.policy,
+        "gpus": plan.gpus,
+        "text_encoder_off_gpu_after_encode": plan.text_encoder_off_gpu_after_encode,
+        "group_offload": {
+            "type": plan.group_offload_type,
+            "use_stream": plan.group_offload_use_stream,
+            "components": list(plan.group_offload_components),
+        }
+        if plan.policy == "group_offload"
+        else None,
+        "estimate_bytes": plan.estimate,
+        "expected_peak_bytes": plan.expected_peak_bytes,
+        "fits": plan.fits,
+        "reason": plan.reason,
+    }
+
+
+@app.command()
+def plan(
+    preset: Annotated[str, typer.Option(help="preset name; see `fluxfleet presets`")],
+    gpu_memory: Annotated[str, typer.Option(help="free memory per GPU, e.g. 24GiB or 80GB")] = "80GiB",
+    gpus: Annotated[int, typer.Option(min=0, help="GPUs the worker owns (0: CPU only)")] = 1,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Where a preset's pipeline would live on GPUs of this size, and its expected peak memory."""
+    settings = Settings()
+    try:
+        spec = load_preset(preset, settings.presets_dir)
+        decision = plan_placement(spec, [parse_bytes(gpu_memory)] * gpus)
+    except (FluxfleetError, ValueError) as e:
+        raise _fail(e) from e
+    if as_json:
+        print(json.dumps({"preset": spec.name, **_plan_dict(decision)}))
+        return
+    extra = " + text encoders off the GPU after encoding" if decision.text_encoder_off_gpu_after_encode else ""
+    if decision.policy == "group_offload":
+        extra = f" ({decision.group_offload_type}, streams {'on' if decision.group_offload_use_stream else 'off'}, "
+        extra += f"{', '.join(decision.group_offload_components)})"
+    console.print(f"preset {spec.name}: [bold]{decision.policy}[/bold]{extra} — {decision.reason}")
+    table = Table("component", "backend", "estimated GiB")
+    backends = component_backends(spec)
+    for name, size in decision.estimate.items():
+        table.add_row(name, backends[name], f"{size / GIB:.2f}")
+    table.add_row("total", "", f"{sum(decision.estimate.values()) / GIB:.2f}")
+    console.print(table)
+    console.print(f"expected peak: {decision.expected_peak_bytes / GIB:.1f} GiB per GPU ({gpus} × {gpu_memory})")
+    if not decision.fits:
+        console.print("[yellow]warning:[/yellow] the preset forces this placement but the estimate exceeds the memory")
+
+
+@app.command()
+def quantize(
+    preset: Annotated[str, typer.Option(help="preset whose quantization to apply")],
+    out: Annotated[Path, typer.Option(help="directory for save_pretrained (or the .gguf file with --gguf)")],
+    dequantize: Annotated[bool, typer.Option(help="save the weights back in the preset's dtype")] = False,
+    gguf: Annotated[str | None, typer.Option(help="write the transformer as GGUF of this type (e.g. Q8_0)")] = None,
+) -> None:
+    """Save a quantized pipeline so workers load it without quantizing (runs the worker code in a subprocess)."""
+    args = [sys.executable, "-m", "workers.quantize", "--preset", preset, "--out", str(out)]
+    if dequantize:
+        args.append("--dequantize")
+    if gguf:
+        args += ["--gguf", gguf]
+    raise typer.Exit(subprocess.call(args))

@@ -1,0 +1,207 @@
+"""Quantization backends on the CPU with the tiny pipeline, through the worker's own load_pipeline.
+
+Each CPU-capable backend must really quantize (module/tensor types) and stay within TOLERANCE of the
+unquantized output; CUDA-only ones are skipped here and run by benchmarks/gpu_presets_smoke.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fluxfleet.errors import BackendMissingError, ConfigurationError, ModelLoadError
+from fluxfleet.presets import Preset
+from fluxfleet.settings import Settings, WorkerSettings
+
+torch = pytest.importorskip("torch")
+
+TOLERANCE = {8: 0.05, 4: 0.1}
+"""Largest allowed absolute pixel difference from the float32 output, by bits per weight (pixels in
+[0, 1], 64x64, 2 steps); the mean difference must also stay under a tenth of it."""
+
+
+def assert_close(image: np.ndarray, reference: np.ndarray, bits: int) -> None:
+    diff = np.abs(image - reference)
+    assert diff.max() < TOLERANCE[bits] and diff.mean() < TOLERANCE[bits] / 10, (diff.max(), diff.mean())
+
+
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_for_backends(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from workers.tiny_model import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-backends"))
+
+
+def make_preset(backend: str = "none", options: dict[str, Any] | None = None, **fields: Any) -> Preset:
+    data: dict[str, Any] = {
+        "name": f"test-{backend}",
+        "model": "unused: Settings.model_dir wins",
+        "dtype": "float32",
+        "quantization": {"backend": backend, "options": options or {}},
+        "placement": {"policy": "cpu"},
+    }
+    data.update(fields)
+    return Preset.model_validate(data)
+
+
+def generate(preset: Preset, model_dir: Path) -> tuple[Any, np.ndarray]:
+    from workers.loading import load_pipeline
+
+    loaded = load_pipeline(preset, Settings(model_dir=model_dir, worker=WorkerSettings(device="cpu")))
+    assert loaded.memory.components["transformer"] > 0
+    image = loaded.pipe(
+        "a red cat",
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="np",
+    ).images
+    return loaded.pipe, image
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_for_backends: Path) -> np.ndarray:
+    return generate(make_preset(), tiny_model_for_backends)[1]
+
+
+def weight_type(pipe: Any, component: str = "transformer") -> str:
+    module = getattr(pipe, component)
+    linear = (
+        module.transformer_blocks[0].attn.to_q
+        if component == "transformer"
+        else module.encoder.block[0].layer[0].SelfAttention.q
+    )
+    return f"{type(linear).__name__}/{type(linear.weight).__name__}/{linear.weight.dtype}"
+
+
+CPU_CASES = [
+    ("torchao", {"type": "int8_weight_only"}, "Int8Tensor", True, 8),
+    ("torchao", {"type": "float8_weight_only"}, "Float8Tensor", True, 8),
+    ("quanto", {"weights": "int8"}, "QLinear", True, 8),
+    ("quanto", {"weights": "int4"}, "WeightQBitsTensor", True, 4),
+    ("quanto", {"weights": "float8"}, "QLinear", True, 8),  # the direct quantize/freeze path
+    ("layerwise", {"storage_dtype": "float8_e4m3fn"}, "float8_e4m3fn", False, 8),
+]
+
+
+@pytest.mark.parametrize(("backend", "options", "marker", "t5_too", "bits"), CPU_CASES)
+def test_cpu_backend_quantizes_and_stays_close(
+    tiny_model_for_backends: Path,
+    reference: np.ndarray,
+    backend: str,
+    options: dict,
+    marker: str,
+    t5_too: bool,
+    bits: int,
+) -> None:
+    components = ["transformer", "text_encoder_2"] if t5_too else ["transformer"]
+    preset = make_preset(backend, options)
+    preset.quantization.components = components
+    pipe, image = generate(preset, tiny_model_for_backends)
+    assert marker in weight_type(pipe)
+    if t5_too:
+        assert weight_type(pipe, "text_encoder_2") != "Linear/Parameter/torch.float32"
+    assert_close(image, reference, bits)
+
+
+@pytest.mark.parametrize("quant_type", ["Q8_0", "Q4_1"])
+def test_gguf_file_written_with_the_gguf_package(
+    tiny_model_for_backends: Path, reference: np.ndarray, tmp_path: Path, quant_type: str
+) -> None:
+    from workers.quantize import write_gguf
+
+    path = write_gguf(tiny_model_for_backends / "transformer", tmp_path / f"t-{quant_type}.gguf", quant_type)
+    preset = make_preset("gguf", {"quant_type": quant_type}, single_file=str(path))
+    pipe, image = generate(preset, tiny_model_for_backends)
+    assert weight_type(pipe).startswith("GGUFLinear/GGUFParameter")
+    assert_close(image, reference, 8 if quant_type == "Q8_0" else 4)
+
+
+def test_gguf_missing_or_not_gguf_fails_at_start(tiny_model_for_backends: Path, tmp_path: Path) -> None:
+    from workers.loading import load_pipeline
+
+    settings = Settings(model_dir=tiny_model_for_backends, worker=WorkerSettings(device="cpu"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_pipeline(make_preset("gguf", single_file=str(tmp_path / "none.gguf")), settings)
+    (tmp_path / "fake.gguf").write_bytes(b"PK\x03\x04 not gguf")
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        load_pipeline(make_preset("gguf", single_file=str(tmp_path / "fake.gguf")), settings)
+
+
+def test_torchao_saved_pipeline_loads_without_quantizing_again(tiny_model_for_backends: Path, tmp_path: Path) -> None:
+    from workers.backends import saved_quantization
+    from workers.quantize import save_quantized
+
+    preset = make_preset("torchao", {"type": "int8_weight_only"})
+    settings = Settings(model_dir=tiny_model_for_backends, worker=WorkerSettings(device="cpu"))
+    _, first = generate(preset, tiny_model_for_backends)
+    save_quantized(preset, settings, tmp_path / "saved")
+    assert saved_quantization(str(tmp_path / "saved")) == ["text_encoder_2", "transformer"]
+    pipe, again = generate(make_preset(), tmp_path / "saved")  # a preset with no backend: the dir says it all
+    assert "Int8Tensor" in weight_type(pipe)
+    np.testing.assert_allclose(again, first, atol=1e-6)
+
+
+def test_non_serializable_backend_refuses_to_save(tiny_model_for_backends: Path, tmp_path: Path) -> None:
+    from workers.quantize import save_quantized
+
+    with pytest.raises(ConfigurationError, match="does not serialize"):
+        save_quantized(make_preset("quanto", {"weights": "int8"}), Settings(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("backend", "package", "extra"),
+    [
+        ("torchao", "torchao", "torchao"),
+        ("quanto", "optimum.quanto", "quanto"),
+        ("bitsandbytes", "bitsandbytes", "bitsandbytes"),
+        ("gguf", "gguf", "gguf"),
+    ],
+)
+def test_missing_package_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, backend: str, package: str, extra: str
+) -> None:
+    from workers.backends import pipeline_kwargs
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    with pytest.raises(BackendMissingError, match=rf"pip install 'fluxfleet\[{extra}\]'"):
+        pipeline_kwargs(make_preset(backend), torch.float32)
+
+
+def test_unknown_option_names_the_preset_and_option() -> None:
+    from workers.backends import pipeline_kwargs
+
+    with pytest.raises(ConfigurationError, match=r"test-torchao.*quantization\.options \['bitz'\]"):
+        pipeline_kwargs(make_preset("torchao", {"bitz": 4}), torch.float32)
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize(
+    "options",
+    [{"bits": 4, "quant_type": "nf4"}, {"bits": 4, "quant_type": "fp4", "double_quant": True}, {"bits": 8}],
+)
+def test_bitsandbytes_on_cuda(tiny_model_for_backends: Path, options: dict) -> None:
+    from workers.loading import load_pipeline
+
+    preset = make_preset("bitsandbytes", options, dtype="bfloat16", placement={"policy": "gpu"})
+    loaded = load_pipeline(preset, Settings(model_dir=tiny_model_for_backends, worker=WorkerSettings(device="cuda")))
+    assert "Linear4bit" in weight_type(loaded.pipe) or "Linear8bitLt" in weight_type(loaded.pipe)
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("kind", ["int4_weight_only", "float8_dynamic_row"])
+def test_torchao_cuda_only_types(tiny_model_for_backends: Path, kind: str) -> None:
+    from workers.loading import load_pipeline
+
+    preset = make_preset("torchao", {"type": kind, "group_size": 32}, dtype="bfloat16", placement={"policy": "gpu"})
+    loaded = load_pipeline(preset, Settings(model_dir=tiny_model_for_backends, worker=WorkerSettings(device="cuda")))
+    assert "Linear" in weight_type(loaded.pipe)

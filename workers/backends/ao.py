@@ -1,0 +1,59 @@
+"""torchao: int4/int8/float8 weight-only and float8 dynamic activation with row-wise scales.
+
+diffusers 0.38+ takes torchao config objects, not string names. ``type`` is one of TYPES; int4 takes
+``group_size`` and ``int4_packing_format``. torchao 0.18's default int4 format ("plain") needs the
+mslk package, which has no usable wheel on the GPU host; "tile_packed_to_4d" runs on torch's own
+tinygemm kernel (``aten._weight_int4pack_mm``, CUDA, bfloat16 only), so it is the default here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fluxfleet.errors import ConfigurationError
+from fluxfleet.presets import Preset
+from workers.backends.mapping import check_options, quant_mapping
+
+TYPES = ("int4_weight_only", "int8_weight_only", "float8_weight_only", "float8_dynamic_row")
+OPTIONS = {"type", "group_size", "int4_packing_format", "modules_to_not_convert"}
+
+
+def ao_config(preset: Preset) -> Any:
+    """The torchao config object for the preset's ``type``."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        Int4WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+    )
+
+    opts = check_options(preset, OPTIONS)
+    kind = opts.get("type", "int8_weight_only")
+    if kind == "int4_weight_only":
+        packing = opts.get("int4_packing_format", "tile_packed_to_4d")
+        if packing == "tile_packed_to_4d" and preset.dtype != "bfloat16":
+            raise ConfigurationError(
+                f"preset '{preset.name}': torchao int4 'tile_packed_to_4d' needs dtype = 'bfloat16', "
+                f"got '{preset.dtype}'"
+            )
+        return Int4WeightOnlyConfig(group_size=int(opts.get("group_size", 128)), int4_packing_format=packing)
+    if kind == "int8_weight_only":
+        return Int8WeightOnlyConfig()
+    if kind == "float8_weight_only":
+        return Float8WeightOnlyConfig()
+    if kind == "float8_dynamic_row":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    raise ConfigurationError(f"preset '{preset.name}': quantization.options.type '{kind}' is not one of {TYPES}")
+
+
+def pipeline_kwargs(preset: Preset, dtype: Any, source: str) -> dict[str, Any]:
+    from diffusers import TorchAoConfig as DiffusersConfig
+    from transformers import TorchAoConfig as TransformersConfig
+
+    skip = preset.quantization.options.get("modules_to_not_convert")
+    return quant_mapping(
+        preset,
+        lambda: DiffusersConfig(ao_config(preset), modules_to_not_convert=skip),
+        lambda: TransformersConfig(ao_config(preset), modules_to_not_convert=skip),
+    )

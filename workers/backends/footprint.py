@@ -1,0 +1,89 @@
+"""Memory footprint: bytes per component after loading, device memory after load, peak per generation.
+
+Quantized weights (bitsandbytes, torchao and quanto tensor subclasses, GGUF parameters) report their
+real storage through ``get_memory_footprint`` on diffusers and transformers models; anything else is
+counted from parameter and buffer bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+GIB = 1024**3
+
+
+def module_bytes(module: Any) -> int:
+    """Bytes a module holds; quantized tensors count their packed storage."""
+    footprint = getattr(module, "get_memory_footprint", None)
+    if callable(footprint):
+        try:
+            return int(footprint())
+        except Exception:  # some tensor subclasses do not answer; fall back to counting
+            logger.debug("get_memory_footprint failed for %s; counting parameters", type(module).__name__)
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@dataclass
+class MemoryRecord:
+    """What a worker records about memory: per component, after load, and the last/max generation peak."""
+
+    components: dict[str, int] = field(default_factory=dict)
+    after_load_bytes: int = 0
+    peak_bytes: int = 0
+    last_peak_bytes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "components": dict(self.components),
+            "after_load_bytes": self.after_load_bytes,
+            "peak_bytes": self.peak_bytes,
+            "last_peak_bytes": self.last_peak_bytes,
+        }
+
+
+def _cuda(device: str) -> Any:
+    import torch
+
+    return torch if device.startswith("cuda") and torch.cuda.is_available() else None
+
+
+def record_after_load(pipe: Any, preset_name: str, device: str) -> MemoryRecord:
+    """Log each component's footprint and the device memory after loading; reset the peak counter."""
+    record = MemoryRecord()
+    for name in COMPONENTS:
+        module = getattr(pipe, name, None)
+        if module is not None:
+            record.components[name] = module_bytes(module)
+            logger.info("preset %s: %s holds %.2f GiB", preset_name, name, record.components[name] / GIB)
+    torch = _cuda(device)
+    if torch is not None:
+        # Summed over the worker's GPUs: a balanced placement spreads the components.
+        record.after_load_bytes = sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+    else:
+        record.after_load_bytes = sum(record.components.values())
+    logger.info("preset %s: %.2f GiB after load on %s", preset_name, record.after_load_bytes / GIB, device)
+    return record
+
+
+def record_generation_peak(record: MemoryRecord, device: str) -> int:
+    """After a pipeline call: read and reset the peak counter; returns the bytes of this call's peak."""
+    torch = _cuda(device)
+    if torch is None:
+        return 0
+    peak = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(i)
+    record.last_peak_bytes = peak
+    record.peak_bytes = max(record.peak_bytes, peak)
+    logger.debug("generation peak %.2f GiB", peak / GIB)
+    return peak
