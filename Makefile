@@ -14,11 +14,16 @@ $(STAMP): pyproject.toml
 	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
 	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  systemctl disable --now redis-server >/dev/null 2>&1 || service redis-server stop >/dev/null 2>&1 || true; }
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  echo "installing prometheus (for the metrics tests) with apt-get"; \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true; \
+	  pkill -x prometheus >/dev/null 2>&1 || true; pkill -f prometheus-node-exporter >/dev/null 2>&1 || true; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first, pinned: a plain `torch` would pull several GB of CUDA.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[worker,dev]'
+	$(BIN)/pip install -q -e '.[worker,dev,report,torchao,quanto,gguf,bitsandbytes]'
 	touch $(STAMP)
 
 demo: venv

@@ -545,6 +545,8 @@ def run(args: argparse.Namespace) -> None:
                 if what == "anchor":
                     what, mode = step, ""
                 cenv = dict(env, BENCH_T0=str(time.time()))
+                if not step.startswith("anchor"):
+                    cenv.setdefault("TORCH_LOGS", "recompiles")
                 if mode in ("cold", "warm"):
                     # fresh local inductor/triton caches each time; 'cold' also empties the shared one
                     local = Path(tempfile.mkdtemp(prefix=f"inductor-{mode}-"))

@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fluxfleet.keys import queue_name  # noqa: E402
-from fluxfleet.settings import Settings  # noqa: E402
-from producer.client import Client  # noqa: E402
-from producer.stack import RedisServer  # noqa: E402
+from fluxfleet.keys import queue_name
+from fluxfleet.settings import Settings
+from producer.client import Client
+from producer.stack import RedisServer
 
 
 def main() -> None:
@@ -47,12 +47,22 @@ def main() -> None:
         redis.stop()
     print(f"{'run':>4} {'prompts':>8} {'tasks':>6} {'seconds':>8} {'prompts/s':>10}")
     for row in rows:
-        print(f"{row['run']:>4} {row['prompts']:>8} {row['tasks_queued']:>6} {row['seconds']:>8.2f} {row['prompts'] / row['seconds']:>10.0f}")
+        rate = row["prompts"] / row["seconds"]
+        print(f"{row['run']:>4} {row['prompts']:>8} {row['tasks_queued']:>6} {row['seconds']:>8.2f} {rate:>10.0f}")
     best = min(r["seconds"] for r in rows)
     print(f"best: {best:.2f} s for {args.prompts} prompts (target <= 5 s)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
-                                    "benchmark": "submit", "records": rows}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "device": platform.processor() or platform.machine(),
+                "date": time.strftime("%Y-%m-%d"),
+                "benchmark": "submit",
+                "records": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fluxfleet.settings import Settings  # noqa: E402
-from producer.client import Client  # noqa: E402
-from producer.stack import LocalStack  # noqa: E402
+from fluxfleet.settings import Settings
+from producer.client import Client
+from producer.stack import LocalStack
 
 
 def main() -> None:
@@ -45,11 +45,16 @@ def main() -> None:
     with LocalStack(env=env) as stack:
         redis = stack.start_redis()
         stack.start_worker("tiny").wait_ready(timeout=300)
-        client = Client(Settings().with_overrides(broker__url=redis.url, storage__url=env["FLUXFLEET_STORAGE__URL"],
-                                                  model_dir=env["FLUXFLEET_MODEL_DIR"]))
+        client = Client(
+            Settings().with_overrides(
+                broker__url=redis.url, storage__url=env["FLUXFLEET_STORAGE__URL"], model_dir=env["FLUXFLEET_MODEL_DIR"]
+            )
+        )
         prompts = [f"a quiet garden number {i} at dawn" for i in range(args.images)]
         # One warm batch first so the measured job sees a steady worker.
-        client.submit(prompts[:4], preset="tiny", seed=999, width=args.size, height=args.size, steps=args.steps).wait(timeout=300)
+        client.submit(prompts[:4], preset="tiny", seed=999, width=args.size, height=args.size, steps=args.steps).wait(
+            timeout=300
+        )
         started = time.time()
         job = client.submit(prompts, preset="tiny", seed=1, width=args.size, height=args.size, steps=args.steps)
         job.wait(timeout=900, poll_s=0.05)
@@ -62,17 +67,34 @@ def main() -> None:
     per_image_pipeline = pipeline / len(records)
     overhead = per_image_wall - per_image_pipeline
     rows = {
-        "images": len(records), "size": args.size, "steps": args.steps,
-        "wall_s_per_image": per_image_wall, "pipeline_s_per_image": per_image_pipeline,
-        "overhead_ms_per_image": overhead * 1000, "png_encode_ms": encode * 1000, "upload_ms": upload * 1000,
+        "images": len(records),
+        "size": args.size,
+        "steps": args.steps,
+        "wall_s_per_image": per_image_wall,
+        "pipeline_s_per_image": per_image_pipeline,
+        "overhead_ms_per_image": overhead * 1000,
+        "png_encode_ms": encode * 1000,
+        "upload_ms": upload * 1000,
     }
-    print(f"{'images':>6} {'size':>5} {'wall/img':>9} {'pipeline/img':>13} {'overhead/img':>13} {'png enc':>8} {'upload':>7}")
-    print(f"{len(records):>6} {args.size:>5} {per_image_wall * 1000:>7.1f}ms {per_image_pipeline * 1000:>11.1f}ms "
-          f"{overhead * 1000:>11.1f}ms {encode * 1000:>6.1f}ms {upload * 1000:>5.1f}ms")
+    header = ("images", "size", "wall/img", "pipeline/img", "overhead/img", "png enc", "upload")
+    print("{:>6} {:>5} {:>9} {:>13} {:>13} {:>8} {:>7}".format(*header))
+    print(
+        f"{len(records):>6} {args.size:>5} {per_image_wall * 1000:>7.1f}ms {per_image_pipeline * 1000:>11.1f}ms "
+        f"{overhead * 1000:>11.1f}ms {encode * 1000:>6.1f}ms {upload * 1000:>5.1f}ms"
+    )
     print("(png encode and upload run on background threads, overlapping the next pipeline call)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
-                                    "benchmark": "worker_overhead", "records": [rows]}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "device": platform.processor() or platform.machine(),
+                "date": time.strftime("%Y-%m-%d"),
+                "benchmark": "worker_overhead",
+                "records": [rows],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ so progress and outcomes live here, under ``<prefix>:job:<id>``:
 - ``…:done``       hash: item key -> manifest line (ItemRecord JSON)
 - ``…:failed``     hash: item key -> ItemFailure JSON
 - ``…:cancelled``  set of item keys not generated because the job was cancelled
+- ``…:starts`` / ``…:ends``  hashes: item key -> generations started / ended with the process alive;
+  their difference counts worker deaths during that item, which caps a poison input
+
+``<prefix>:rejected`` (hash: reason -> count) counts messages a worker refused to run.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from collections.abc import Iterable
 from typing import cast
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from fluxfleet.errors import BrokerUnavailable
 from fluxfleet.schema import ItemFailure, ItemRecord, JobState, JobStatus, TaskPayload
@@ -25,14 +31,29 @@ from fluxfleet.settings import BrokerSettings
 ATTEMPTS_TTL_S = 7 * 24 * 3600
 
 
-def redis_client(broker: BrokerSettings) -> redis.Redis:
-    """A client for the broker's Redis with short timeouts, so an outage fails fast."""
+PATIENT_RETRIES = 12
+"""Reconnection attempts of a worker's Redis client (exponential backoff capped at 5 s: about 45 s)."""
+
+
+def redis_client(broker: BrokerSettings, *, patient: bool = False) -> redis.Redis:
+    """A client for the broker's Redis with short timeouts, so an outage fails fast.
+
+    ``patient`` (workers): reconnect with backoff through a short outage (a Redis restart) instead of
+    failing the task in flight.
+    """
+    extra: dict[str, object] = {}
+    if patient:
+        extra = {
+            "retry": Retry(ExponentialBackoff(cap=5.0, base=0.2), PATIENT_RETRIES),
+            "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        }
     return redis.Redis.from_url(
         broker.url_with_password(),
         socket_connect_timeout=broker.connect_timeout_s,
         socket_timeout=max(broker.connect_timeout_s, 10.0),
         decode_responses=True,
         retry_on_timeout=False,
+        **extra,  # type: ignore[arg-type]
     )
 
 
@@ -42,8 +63,8 @@ class JobStore:
         self.prefix = prefix
 
     @classmethod
-    def from_settings(cls, broker: BrokerSettings) -> JobStore:
-        return cls(redis_client(broker), broker.key_prefix)
+    def from_settings(cls, broker: BrokerSettings, *, patient: bool = False) -> JobStore:
+        return cls(redis_client(broker, patient=patient), broker.key_prefix)
 
     def _k(self, job_id: str, part: str = "") -> str:
         return f"{self.prefix}:job:{job_id}" + (f":{part}" if part else "")
@@ -102,6 +123,42 @@ class JobStore:
         pipe.expire(key, ATTEMPTS_TTL_S)
         return int(pipe.execute()[0])
 
+    def item_deaths(self, job_id: str, item_keys: list[str]) -> list[int]:
+        """For each item, how many generations of it started and never ended (the process died)."""
+        if not item_keys:
+            return []
+        pipe = self.r.pipeline()
+        pipe.hmget(self._k(job_id, "starts"), item_keys)
+        pipe.hmget(self._k(job_id, "ends"), item_keys)
+        starts, ends = pipe.execute()
+        return [int(s or 0) - int(e or 0) for s, e in zip(starts, ends, strict=True)]
+
+    def item_starts(self, job_id: str) -> dict[str, int]:
+        """Item key -> times its generation started (tests check that nothing started twice)."""
+        return {k: int(v) for k, v in cast(dict[str, str], self.r.hgetall(self._k(job_id, "starts"))).items()}
+
+    def _count_items(self, job_id: str, part: str, item_keys: list[str]) -> None:
+        pipe = self.r.pipeline()
+        for key in item_keys:
+            pipe.hincrby(self._k(job_id, part), key, 1)
+        pipe.expire(self._k(job_id, part), ATTEMPTS_TTL_S)
+        pipe.execute()
+
+    def start_items(self, job_id: str, item_keys: list[str]) -> None:
+        """Count a generation of these items as started (before the pipeline call)."""
+        self._count_items(job_id, "starts", item_keys)
+
+    def end_items(self, job_id: str, item_keys: list[str]) -> None:
+        """Count a generation of these items as ended with the process alive (success or exception)."""
+        self._count_items(job_id, "ends", item_keys)
+
+    def count_rejected(self, reason: str) -> None:
+        """Count a message a worker refused (undecodable, disallowed content type, invalid payload)."""
+        self.r.hincrby(f"{self.prefix}:rejected", reason, 1)
+
+    def rejected(self) -> dict[str, int]:
+        return {k: int(v) for k, v in cast(dict[str, str], self.r.hgetall(f"{self.prefix}:rejected")).items()}
+
     def is_finished(self, job_id: str, item_key: str) -> bool:
         pipe = self.r.pipeline()
         pipe.hexists(self._k(job_id, "done"), item_key)
@@ -122,15 +179,24 @@ class JobStore:
             self.r.sadd(self._k(job_id, "cancelled"), *keys)
 
     def finish_if_complete(self, job_id: str) -> bool:
-        """Mark the job done once every item has an outcome; True the first time that happens."""
+        """Mark the job done once every item has an outcome; True the first time that happens.
+
+        A cancelled job stays 'cancelled', but still completes once its running items have ended, so
+        its manifest lists the images that were made.
+        """
         status = self.status(job_id)
-        if status is None or status.finished < status.total or status.state not in ("running", "submitting"):
+        if status is None or status.finished < status.total:
             return False
-        state: JobState = "failed" if status.failed == status.total else "done"
-        pipe = self.r.pipeline()
-        pipe.hsetnx(self._k(job_id), "finished_at", time.time())
-        pipe.hset(self._k(job_id), "state", state)
-        return bool(pipe.execute()[0])
+        if status.state in ("running", "submitting"):
+            state: JobState = "failed" if status.failed == status.total else "done"
+            pipe = self.r.pipeline()
+            pipe.hsetnx(self._k(job_id), "finished_at", time.time())
+            pipe.hset(self._k(job_id), "state", state)
+            pipe.hsetnx(self._k(job_id), "completed", 1)
+            return bool(pipe.execute()[2])
+        if status.state == "cancelled":
+            return bool(self.r.hsetnx(self._k(job_id), "completed", 1))
+        return False
 
     # -- both ----------------------------------------------------------------------------------
     def records(self, job_id: str) -> list[ItemRecord]:

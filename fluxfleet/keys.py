@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 from fluxfleet.schema import GenerationParams
 
@@ -11,6 +12,24 @@ TASK_GENERATE = "fluxfleet.generate"
 """Stable task name: the producer sends by name and never imports worker code."""
 
 KEY_VERSION = "v1"
+
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+"""Job ids name storage prefixes (``jobs/<id>/``): letters, digits, ``_ . -``; no ``/`` and no ``..``."""
+
+ITEM_KEY_PATTERN = re.compile(r"^[0-9a-f]{40}$")
+
+
+def check_job_id(job_id: str) -> str:
+    """``job_id`` unchanged, or ``ValidationError`` if it could escape its storage prefix."""
+    from fluxfleet.errors import ValidationError
+
+    if not JOB_ID_PATTERN.match(job_id) or ".." in job_id:
+        raise ValidationError(
+            f"job id {job_id!r} is not allowed: use 1-128 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit, without '/' or '..'",
+            field="job_id",
+        )
+    return job_id
 
 
 def queue_name(preset: str) -> str:
@@ -44,6 +63,15 @@ def image_key(key: str) -> str:
 
 def record_key(job_id: str, key: str) -> str:
     return f"jobs/{job_id}/records/{key}.json"
+
+
+def failure_key(job_id: str, key: str) -> str:
+    return f"jobs/{job_id}/failures/{key}.json"
+
+
+def job_spec_key(job_id: str) -> str:
+    """The job as submitted (its items), written by the producer: what a resume after Redis data loss reads."""
+    return f"jobs/{job_id}/job.json"
 
 
 def manifest_key(job_id: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
 
@@ -39,7 +39,7 @@ class Item(BaseModel):
     prompt: str
     seed: int = Field(ge=0, lt=2**63)
     params: GenerationParams
-    key: str = Field(description="hash of the request; names the stored image")
+    key: str = Field(pattern=r"^[0-9a-f]{40}$", description="hash of the request; names the stored image")
     source: str = Field("", description="where the item came from, e.g. 'prompts.csv:12'")
 
 
@@ -55,6 +55,14 @@ class TaskPayload(BaseModel):
     model: str
     items: list[Item]
     enqueued_at: float
+
+    @field_validator("job_id")
+    @classmethod
+    def _safe_job_id(cls, value: str) -> str:
+        # The job id names a storage prefix: one with '/' or '..' could write outside it.
+        from fluxfleet.keys import check_job_id
+
+        return check_job_id(value)
 
 
 class Timings(BaseModel):

@@ -74,9 +74,15 @@ class WorkerSettings(BaseModel):
     load_timeout_s: int = Field(3600, gt=0, description="seconds allowed for loading and warming the model")
     warmup: bool = True
     metrics_port: int = Field(0, ge=0, description="Prometheus port; 0 turns the endpoint off")
-    metrics_address: str = "0.0.0.0"
+    metrics_address: str = Field("127.0.0.1", description="address the metrics endpoint binds to (loopback by default)")
     gpu: str = Field("0", description="GPU index (or comma-separated indices) this worker owns")
     device: str = Field("auto", description="'auto' (cuda when present), 'cuda' or 'cpu'")
+    max_rss_bytes: int = Field(
+        0, ge=0, description="host RSS of the pool child above which it is replaced between tasks; 0: no limit"
+    )
+    max_gpu_reserved_bytes: int = Field(
+        0, ge=0, description="GPU reserved bytes above which the pool child is replaced between tasks; 0: no limit"
+    )
     ready_file: Path | None = Field(
         None, description="written once the pipeline is loaded and warm (a Kubernetes readiness probe checks it)"
     )
@@ -92,6 +98,9 @@ class LimitSettings(BaseModel):
     max_guidance: float = 30.0
     max_prompt_tokens: int = 512
     max_images_per_prompt: int = 16
+    max_prompt_chars: int = Field(4000, gt=0, description="characters in one prompt")
+    max_images_per_job: int = Field(100_000, gt=0, description="items in one job")
+    max_payload_bytes: int = Field(4_000_000, gt=0, description="bytes of one task message's JSON body")
 
 
 class GenerationDefaults(BaseModel):

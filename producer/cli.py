@@ -78,7 +78,8 @@ def submit(
                 print(json.dumps({"job_id": job.id, "total": status.total, "already_submitted": job.already_submitted}))
             elif job.already_submitted:
                 console.print(
-                    f"job {job.id} was already submitted ({status.state}, {status.finished}/{status.total}); nothing enqueued"
+                    f"job {job.id} was already submitted ({status.state}, "
+                    f"{status.finished}/{status.total}); nothing enqueued"
                 )
             else:
                 console.print(f"submitted job {job.id}: {status.total} images in {time.perf_counter() - started:.2f} s")
@@ -100,13 +101,14 @@ def _print_summary(client: Client, job_id: str, status: dict[str, Any]) -> None:
     if generated and elapsed > 0:
         per_image = sum(r.timings.generate_s for r in generated) / len(generated)
         console.print(
-            f"  {len(generated) / elapsed:.2f} images/s over {elapsed:.1f} s; {per_image:.3f} s per image in the pipeline"
+            f"  {len(generated) / elapsed:.2f} images/s over {elapsed:.1f} s; "
+            f"{per_image:.3f} s per image in the pipeline"
         )
     console.print(f"  manifest: {client.job(job_id).manifest_location()}")
     if records:
-        console.print(
-            f"  images:   {Path(records[0].location).parent.parent if records[0].location.startswith('/') else records[0].location.rsplit('/', 2)[0]}"
-        )
+        first = records[0].location
+        images_dir = Path(first).parent.parent if first.startswith("/") else first.rsplit("/", 2)[0]
+        console.print(f"  images:   {images_dir}")
 
 
 @app.command()
@@ -121,7 +123,8 @@ def status(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False
         return
     console.print(
         f"job {job_id} [{data['state']}]: {data['finished']}/{data['total']} finished — "
-        f"{data['done']} done ({data['skipped']} already stored), {data['failed']} failed, {data['cancelled']} cancelled"
+        f"{data['done']} done ({data['skipped']} already stored), {data['failed']} failed, "
+        f"{data['cancelled']} cancelled"
     )
 
 
@@ -197,14 +200,17 @@ def demo(
     raise typer.Exit(run_demo(prompts=prompts, output=output, model_dir=model_dir))
 
 
+# Command modules register themselves on `app`; imported last because they import `app` from here.
+from producer import cli_compare, cli_fleet, cli_models, cli_observe  # noqa: E402, F401
+
+
 def main() -> None:
     app()
 
 
 if __name__ == "__main__":
-    main()
+    # Under `python -m producer.cli` this file runs as __main__, a second copy of the module;
+    # run the imported one, whose app has every command registered.
+    from producer.cli import main as registered_main
 
-from producer import cli_fleet  # noqa: E402,F401
-from producer import cli_observe  # noqa: E402,F401
-from producer import cli_compare  # noqa: E402,F401
-from producer import cli_models  # noqa: E402,F401
+    registered_main()

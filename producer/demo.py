@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -16,10 +17,20 @@ from producer.stack import LocalStack
 console = Console()
 
 
+def _stop_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so the ``with`` blocks stop every process we started."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run_demo(*, prompts: Path, output: Path, model_dir: Path, preset: str = "tiny") -> int:
     if not (model_dir / "model_index.json").is_file():
         console.print(f"building the tiny FLUX pipeline in {model_dir} …")
         subprocess.run([sys.executable, "-m", "workers.tiny_model", str(model_dir)], check=True)
+    _stop_on_sigterm()
     output = output.resolve()
     env = {
         "FLUXFLEET_MODEL_DIR": str(model_dir.resolve()),

@@ -32,7 +32,9 @@ def test_keys_depend_on_every_request_field() -> None:
         item_key(model="m", preset="p", prompt="a cat", seed=2, params=PARAMS),
         item_key(model="m", preset="p", prompt="a cat", seed=1, params=PARAMS.model_copy(update={"steps": 5})),
         item_key(model="m", preset="p", prompt="a cat", seed=1, params=PARAMS.model_copy(update={"guidance": 4.0})),
-        item_key(model="m", preset="p", prompt="a cat", seed=1, params=PARAMS.model_copy(update={"max_sequence_length": 32})),
+        item_key(
+            model="m", preset="p", prompt="a cat", seed=1, params=PARAMS.model_copy(update={"max_sequence_length": 32})
+        ),
     ]
     assert len({base, *variants}) == 8
 

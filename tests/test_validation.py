@@ -33,7 +33,11 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     ("name", "content", "expected"),
     [
         ("p.txt", "", "no prompts in file"),
-        ("p.jsonl", '{"prompt": "ok"}\n{"prompt": "x", "steps": "many"}\n', "p.jsonl:2: 'many' is not a valid int (field 'steps')"),
+        (
+            "p.jsonl",
+            '{"prompt": "ok"}\n{"prompt": "x", "steps": "many"}\n',
+            "p.jsonl:2: 'many' is not a valid int (field 'steps')",
+        ),
         ("p.jsonl", '{"prompt": "ok"}\n{bad json\n', "p.jsonl:2: invalid JSON"),
         ("p.jsonl", '["a list"]\n', "p.jsonl:1: each line must be a JSON object"),
         ("p.csv", "text,seed\nhello,1\n", "p.csv:1: the header must have a 'prompt' column"),
@@ -74,7 +78,9 @@ def test_out_of_range_items_are_refused_before_anything_is_enqueued(
     assert redis.Redis(port=redis_server.port).dbsize() == 0
 
 
-def test_cli_reports_bad_input_and_exits_non_zero(tmp_path: Path, redis_server: RedisServer, tiny_model_dir: Path) -> None:
+def test_cli_reports_bad_input_and_exits_non_zero(
+    tmp_path: Path, redis_server: RedisServer, tiny_model_dir: Path
+) -> None:
     path = tmp_path / "prompts.csv"
     path.write_text("prompt,width\na cat,64\na dog,65\n")
     env = {"FLUXFLEET_BROKER__URL": redis_server.url, "FLUXFLEET_MODEL_DIR": str(tiny_model_dir)}
@@ -91,8 +97,11 @@ def test_unknown_preset_lists_the_known_ones(tiny_model_dir: Path) -> None:
 
 
 def test_redis_down_at_submit_fails_fast(tmp_path: Path, tiny_model_dir: Path) -> None:
-    env = {"FLUXFLEET_BROKER__URL": f"redis://127.0.0.1:{free_port()}/0", "FLUXFLEET_MODEL_DIR": str(tiny_model_dir),
-           "FLUXFLEET_STORAGE__URL": f"file://{tmp_path / 'store'}"}
+    env = {
+        "FLUXFLEET_BROKER__URL": f"redis://127.0.0.1:{free_port()}/0",
+        "FLUXFLEET_MODEL_DIR": str(tiny_model_dir),
+        "FLUXFLEET_STORAGE__URL": f"file://{tmp_path / 'store'}",
+    }
     started = time.monotonic()
     result = cli("submit", str(Path(__file__).parent.parent / "examples" / "prompts.txt"), "--preset", "tiny", env=env)
     assert time.monotonic() - started < 20

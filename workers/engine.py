@@ -3,11 +3,25 @@
 A task's items are generated in pipeline calls of ``preset.batch_size``; each finished image is
 encoded and uploaded on a background thread while the next call runs. The task returns only after
 its uploads are stored and recorded, so an acknowledged task never leaves an image behind.
+
+Faults, and what the engine does about them:
+
+- out of memory in a pipeline call: free memory, retry the batch in halves; a single item that
+  still does not fit fails with the reason;
+- the process died during an item's generation (counted in Redis: starts minus ends): the next
+  attempt runs the task's items one at a time, and an item that killed ``max_attempts`` processes
+  fails with the reason, so the other items still finish;
+- the soft time limit: checked between denoising steps, so the call stops before decoding and no
+  partial image is stored; the unfinished items fail with the reason;
+- storage errors: each write is retried with backoff before the task itself is retried.
 """
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,9 +29,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from fluxfleet.errors import JobError, ValidationError
+from fluxfleet.errors import JobError, StorageError, ValidationError
 from fluxfleet.jobs import JobStore
-from fluxfleet.keys import image_key, item_key, record_key
+from fluxfleet.keys import failure_key, image_key, item_key, record_key
 from fluxfleet.manifest import write_manifest
 from fluxfleet.presets import Preset
 from fluxfleet.schema import Item, ItemFailure, ItemRecord, TaskPayload, Timings
@@ -33,8 +47,26 @@ GenerateFn = Callable[[list[Item], Callable[[], bool]], list[Any]]
 """Makes one image per item; calls its second argument between steps and stops if it returns True."""
 
 
+STORAGE_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""Pauses between attempts of one storage write before the error reaches the task (about 15 s)."""
+
+
 class Interrupted(Exception):
     """Raised inside a pipeline call when the job was cancelled or the task must stop."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """``torch.OutOfMemoryError`` (CUDA, or raised on purpose by the fault hooks)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(error, torch.OutOfMemoryError)
+
+
+def free_memory() -> None:
+    """Drop what a failed pipeline call left behind: Python garbage, then the CUDA cache."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -78,13 +110,29 @@ class Engine:
         self.counter = TokenCounter(model)
         self.uploads = ThreadPoolExecutor(settings.storage.upload_threads, thread_name_prefix="upload")
         self.stop_requested = threading.Event()
+        self.deadline: float | None = None
+        self.in_flight: list[Future[None]] = []
+        soft = settings.worker.task_soft_time_limit_s
+        # Stop between steps a little before Celery's own soft limit fires anywhere in the code.
+        self.soft_limit_s = soft - min(max(1.0, 0.05 * soft), soft / 2)
 
     # -- checks (never trust the queue) -------------------------------------------------------
     def _check(self, payload: TaskPayload) -> None:
         if payload.preset != self.preset.name:
             raise ValidationError(f"task for preset '{payload.preset}' reached a '{self.preset.name}' worker")
+        limits = self.settings.limits
+        if len(payload.items) > limits.max_images_per_job:
+            raise ValidationError(
+                f"{len(payload.items)} items in one task, over the limit of {limits.max_images_per_job}", field="items"
+            )
         for item in payload.items:
             where = item.source or f"item {item.index}"
+            if len(item.prompt) > limits.max_prompt_chars:
+                raise ValidationError(
+                    f"prompt is {len(item.prompt)} characters, over the limit of {limits.max_prompt_chars}",
+                    where=where,
+                    field="prompt",
+                )
             validate_params(item.params, self.settings.limits, where)
             validate_prompt(item.prompt, item.params.max_sequence_length, self.counter, where)
             expected = item_key(
@@ -96,10 +144,30 @@ class Engine:
     def _fail_all(self, payload: TaskPayload, items: list[Item], reason: str, label: str) -> None:
         now = time.time()
         for item in items:
+            failure = ItemFailure(job_id=payload.job_id, index=item.index, key=item.key, reason=reason, finished_at=now)
+            logger.warning("job %s item %d failed: %s", payload.job_id, item.index, reason)
             self.observer.item_failed(label)
-            self.jobs.record_failed(
-                ItemFailure(job_id=payload.job_id, index=item.index, key=item.key, reason=reason, finished_at=now)
-            )
+            self.jobs.record_failed(failure)
+            try:
+                # Also in storage, so a job whose Redis data is lost still knows this item's outcome.
+                self.storage.put(
+                    failure_key(payload.job_id, item.key), failure.model_dump_json().encode(), "application/json"
+                )
+            except StorageError as e:
+                logger.warning("could not store the failure record of %s: %s", item.key, e)
+
+    def fail_unfinished(self, payload: TaskPayload, reason: str, label: str) -> int:
+        """Wait for in-flight uploads, then fail every item of the task without an outcome."""
+        for future in self.in_flight:
+            try:
+                future.result()
+            except Exception as e:  # the item stays without an outcome and is failed below
+                logger.warning("upload failed while abandoning task %s: %s", payload.task_id, e)
+        self.in_flight = []
+        unfinished = [i for i in payload.items if not self.jobs.is_finished(payload.job_id, i.key)]
+        self._fail_all(payload, unfinished, reason, label)
+        self._finish(payload.job_id)
+        return len(unfinished)
 
     # -- the task -----------------------------------------------------------------------------
     def run(self, payload: TaskPayload) -> TaskOutcome:
@@ -121,7 +189,9 @@ class Engine:
             return outcome
 
         attempt = self.jobs.start_attempt(payload.task_id)
-        if attempt > self.settings.worker.max_attempts:
+        max_attempts = self.settings.worker.max_attempts
+        # Per-item death counts catch a poison item; this cap is the backstop for deaths elsewhere.
+        if attempt > max_attempts * (len(payload.items) + 1):
             self._fail_all(
                 payload,
                 pending,
@@ -140,22 +210,37 @@ class Engine:
             else:
                 to_generate.append(item)
 
-        futures: list[Future[None]] = []
+        deaths = self.jobs.item_deaths(payload.job_id, [i.key for i in to_generate])
+        doomed = [i for i, d in zip(to_generate, deaths, strict=True) if d >= max_attempts]
+        for item in doomed:
+            self._fail_all(
+                payload,
+                [item],
+                f"the worker process died {max_attempts} times while generating this item "
+                "(a crash, a kill by the OOM killer, or the hard time limit); not retried",
+                "attempts",
+            )
+        outcome.failed += len(doomed)
+        to_generate = [i for i, d in zip(to_generate, deaths, strict=True) if d < max_attempts]
+        # After a death, one item per call: the poison item dies alone and the others finish.
+        batch_size = 1 if any(deaths) else self.preset.batch_size
+
+        self.deadline = time.monotonic() + self.soft_limit_s
+        self.in_flight = []
         try:
-            for batch in chunks(to_generate, self.preset.batch_size):
+            for batch in chunks(to_generate, batch_size):
                 if self._should_stop(payload.job_id):
                     break
-                started = time.perf_counter()
-                images = self.generate(batch, lambda: self._should_stop(payload.job_id))
-                generate_s = (time.perf_counter() - started) / len(batch)
-                for item, image in zip(batch, images, strict=True):
+                for item, image, generate_s in self._generate(payload, batch, outcome):
                     timings = Timings(queue_wait_s=queue_wait, generate_s=generate_s)
-                    futures.append(self.uploads.submit(self._store, payload, item, image, timings))
-                outcome.generated += len(batch)
+                    self.in_flight.append(self.uploads.submit(self._store, payload, item, image, timings))
+                    outcome.generated += 1
         except Interrupted:
             logger.info("task %s interrupted", payload.task_id)
         finally:
             # Every image handed to an upload thread is stored (or its error raised) before returning.
+            futures, self.in_flight = self.in_flight, []
+            self.deadline = None
             for future in futures:
                 future.result()
 
@@ -163,11 +248,71 @@ class Engine:
         if leftover and self.jobs.state(payload.job_id) in ("cancelled", "aborted"):
             self.jobs.record_cancelled(payload.job_id, (i.key for i in leftover))
             outcome.cancelled = len(leftover)
+        elif leftover and self.stop_requested.is_set():
+            raise Interrupted(f"worker stopping; {len(leftover)} items of task {payload.task_id} not generated")
+        elif leftover:
+            limit = self.settings.worker.task_soft_time_limit_s
+            self._fail_all(
+                payload,
+                leftover,
+                f"the task ran into its soft time limit ({limit} s) before this item was generated; raise "
+                "FLUXFLEET_WORKER__TASK_SOFT_TIME_LIMIT_S (and the hard limit and visibility timeout) or "
+                "lower the preset's max_items_per_task",
+                "timeout",
+            )
+            outcome.failed += len(leftover)
         self._finish(payload.job_id)
         return outcome
 
+    def _generate(self, payload: TaskPayload, batch: list[Item], outcome: TaskOutcome) -> list[tuple[Item, Any, float]]:
+        """(item, image, seconds per image) for the batch; out of memory splits it, down to one item."""
+        keys = [i.key for i in batch]
+        self.jobs.start_items(payload.job_id, keys)
+        started = time.perf_counter()
+        try:
+            images = self.generate(batch, lambda: self._should_stop(payload.job_id))
+        except BaseException as e:
+            self.jobs.end_items(payload.job_id, keys)  # the process survived this call
+            if not is_out_of_memory(e):
+                raise
+            del e  # its traceback holds the failed call's tensors
+            free_memory()
+            if len(batch) > 1:
+                half = (len(batch) + 1) // 2
+                logger.warning(
+                    "out of memory at batch size %d; retrying as %d + %d", len(batch), half, len(batch) - half
+                )
+                self.observer.task_retry("oom")
+                return self._generate(payload, batch[:half], outcome) + self._generate(payload, batch[half:], outcome)
+            self._fail_all(
+                payload,
+                batch,
+                "out of GPU memory generating this item alone (batch size 1); use a preset with less memory "
+                "(quantized or offloaded) or a smaller image size",
+                "oom",
+            )
+            outcome.failed += 1
+            return []
+        self.jobs.end_items(payload.job_id, keys)
+        generate_s = (time.perf_counter() - started) / len(batch)
+        return [(item, image, generate_s) for item, image in zip(batch, images, strict=True)]
+
     def _should_stop(self, job_id: str) -> bool:
-        return self.stop_requested.is_set() or self.jobs.state(job_id) in ("cancelled", "aborted")
+        if self.stop_requested.is_set() or (self.deadline is not None and time.monotonic() > self.deadline):
+            return True
+        return self.jobs.state(job_id) in ("cancelled", "aborted")
+
+    def _retrying(self, what: str, write: Callable[[], bool]) -> bool:
+        """``write()`` retried with backoff on ``StorageError``; the last error is raised."""
+        for pause in (*STORAGE_BACKOFF_S, None):
+            try:
+                return write()
+            except StorageError as e:
+                if pause is None:
+                    raise
+                logger.warning("storage error on %s: %s; retrying in %.1f s", what, e, pause)
+                time.sleep(pause)
+        raise AssertionError("unreachable")
 
     def _record(self, payload: TaskPayload, item: Item, sha256: str, timings: Timings, skipped: bool) -> None:
         record = ItemRecord(
@@ -189,17 +334,15 @@ class Engine:
             finished_at=time.time(),
         )
         # The record is written after the image, so a record always points at a stored image.
-        self.storage.put_if_absent(
-            record_key(payload.job_id, item.key), record.model_dump_json().encode(), "application/json"
-        )
+        data = record.model_dump_json().encode()
+        key = record_key(payload.job_id, item.key)
+        self._retrying(key, lambda: self.storage.put_if_absent(key, data, "application/json"))
         if self.jobs.record_done(record):
             self.observer.item_done(
                 timings.queue_wait_s + timings.generate_s + timings.encode_s + timings.upload_s, skipped
             )
 
     def _record_existing(self, payload: TaskPayload, item: Item, queue_wait: float) -> None:
-        import hashlib
-
         sha256 = hashlib.sha256(self.storage.get(image_key(item.key))).hexdigest()
         self._record(payload, item, sha256, Timings(queue_wait_s=queue_wait), skipped=True)
 
@@ -209,7 +352,12 @@ class Engine:
         timings.encode_s = time.perf_counter() - started
         self.observer.stage("png_encode", timings.encode_s)
         started = time.perf_counter()
-        self.storage.put_if_absent(image_key(item.key), data, "image/png")
+        key = image_key(item.key)
+        if not self._retrying(key, lambda: self.storage.put_if_absent(key, data, "image/png")):
+            # Another attempt stored this key first (a redelivery, or the same item in another job):
+            # the record describes the stored object, which may differ in bytes on another GPU.
+            sha256 = hashlib.sha256(self.storage.get(key)).hexdigest()
+            logger.info("%s was already stored by another attempt; keeping that object", key)
         timings.upload_s = time.perf_counter() - started
         self.observer.stage("upload", timings.upload_s)
         self._record(payload, item, sha256, timings, skipped=False)

@@ -58,10 +58,12 @@ def _unwrap(module: Any) -> Any:
 def _fp8_config(kind: str) -> Any:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
 
+    # set_inductor_config=False: torchao would turn on inductor's coordinate-descent tuning with all
+    # directions, which made the regional compile of this preset take ~280 s on an H100 (first GPU run).
     if kind == "dynamic_row":
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
     if kind == "weight_only":
-        return Float8WeightOnlyConfig()
+        return Float8WeightOnlyConfig(set_inductor_config=False)
     raise ValueError(f"unknown fp8 scheme '{kind}'")
 
 
@@ -153,21 +155,23 @@ def _warm_up(pipe: Any, preset: Preset) -> None:
     pooled = transformer.config.pooled_projection_dim
     batch = preset.batch_size
     g = torch.Generator("cpu").manual_seed(0)
-    embeds = torch.randn(batch, seq, joint, generator=g).to(device, dtype)
-    pooled_embeds = torch.randn(batch, pooled, generator=g).to(device, dtype)
+    # Exactly as workers.generation calls it: embeddings made under inference_mode, the pipeline itself
+    # under its own no_grad. A different grad mode is a different dynamo guard, i.e. a second compile.
+    with torch.inference_mode():
+        embeds = torch.randn(batch, seq, joint, generator=g).to(device, dtype)
+        pooled_embeds = torch.randn(batch, pooled, generator=g).to(device, dtype)
     for width, height in warmup_shapes(preset):
-        with torch.inference_mode():
-            pipe(
-                prompt_embeds=embeds,
-                pooled_prompt_embeds=pooled_embeds,
-                width=width,
-                height=height,
-                num_inference_steps=steps,
-                guidance_scale=float(preset.defaults.get("guidance", 3.5)),
-                max_sequence_length=seq,
-                generator=[torch.Generator("cpu").manual_seed(0) for _ in range(batch)],
-                output_type="pil",
-            )
+        pipe(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled_embeds,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            guidance_scale=float(preset.defaults.get("guidance", 3.5)),
+            max_sequence_length=seq,
+            generator=[torch.Generator("cpu").manual_seed(0) for _ in range(batch)],
+            output_type="pil",
+        )
     if device.type == "cuda":
         torch.cuda.synchronize()
 
