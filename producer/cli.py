@@ -37,8 +37,8 @@ def _status_dict(client: Client, job_id: str) -> dict[str, Any]:
 
 @app.command()
 def submit(
-    prompts: Annotated[Path, typer.Argument(help=".txt (one prompt a line), .jsonl or .csv")],
-    preset: Annotated[str, typer.Option(help="worker preset; see `fluxfleet presets`")],
+    prompts: Annotated[Path | None, typer.Argument(help=".txt (one prompt a line), .jsonl or .csv")] = None,
+    preset: Annotated[str | None, typer.Option(help="worker preset; see `fluxfleet presets`")] = None,
     width: int | None = None,
     height: int | None = None,
     steps: int | None = None,
@@ -55,10 +55,12 @@ def submit(
     client = _client()
     try:
         if resume:
-            count = client.resume(resume)
-            console.print(f"job {resume}: re-enqueued {count} task(s)")
+            tasks, items = client.resume_items(resume)
+            console.print(f"job {resume}: re-enqueued {items} missing item(s) in {tasks} task(s)")
             job_id = resume
         else:
+            if prompts is None or preset is None:
+                raise FluxfleetError("submit needs a prompts file and --preset (or --resume JOB)")
             started = time.perf_counter()
             job = client.submit(
                 prompts,

@@ -27,7 +27,7 @@ from producer.cli import app, console, err
 @app.command()
 def exporter(
     port: Annotated[int, typer.Option(help="port for /metrics")] = 9808,
-    address: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
+    address: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 for every interface)")] = "127.0.0.1",
     queue: Annotated[list[str] | None, typer.Option(help="extra queue to report (presets' queues always are)")] = None,
 ) -> None:
     """Serve queue depth and oldest-unacknowledged age per queue, read from Redis on each scrape."""

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from fluxfleet.celery_config import make_celery
-from fluxfleet.errors import BrokerUnavailable, FluxfleetError
+from fluxfleet.errors import BrokerUnavailable, FluxfleetError, ValidationError
 from fluxfleet.jobs import JobStore
-from fluxfleet.keys import TASK_GENERATE, manifest_key, queue_name
+from fluxfleet.keys import TASK_GENERATE, check_job_id, job_spec_key, manifest_key, queue_name
 from fluxfleet.manifest import write_manifest
 from fluxfleet.presets import Preset, effective_defaults, load_preset
-from fluxfleet.schema import ItemFailure, ItemRecord, JobStatus, TaskPayload
+from fluxfleet.schema import Item, ItemFailure, ItemRecord, JobStatus, TaskPayload
 from fluxfleet.settings import Settings
 from fluxfleet.storage import Storage, open_storage
 from producer.batching import build_items, new_job_id, split_tasks
@@ -89,6 +89,8 @@ class Client:
 
         ``params`` are job defaults: width, height, steps, guidance, max_sequence_length.
         """
+        if job_id is not None:
+            check_job_id(job_id)
         chosen = self.preset(preset)
         model = chosen.model_source(self.settings)
         defaults = effective_defaults(chosen, self.settings).model_copy(
@@ -103,6 +105,7 @@ class Client:
             job_seed=seed,
             images_per_prompt=images_per_prompt,
         )
+        self._check_limits(items)
         job_id = job_id or new_job_id()
         self.jobs.ping()
         if self.jobs.exists(job_id):
@@ -111,20 +114,49 @@ class Client:
             job.already_submitted = True
             return job
         tasks = split_tasks(items, job_id=job_id, preset=chosen, model=model)
+        self._check_payload_sizes(tasks)
         try:
             self.jobs.create(job_id=job_id, preset=chosen.name, model=model, tasks=tasks)
         except Exception as e:
             raise BrokerUnavailable(f"could not record job {job_id}: {e}") from e
         try:
+            # The job as submitted, outside Redis: `status` and `submit --resume` read it if Redis loses it.
+            spec = {"job_id": job_id, "preset": chosen.name, "model": model, "items": [i.model_dump() for i in items]}
+            self.storage.put(job_spec_key(job_id), json.dumps(spec).encode(), "application/json")
             self._publish(tasks, chosen.name)
         except Exception as e:
             # Already-published tasks see the 'aborted' state and generate nothing.
             self._safely_abort(job_id)
-            raise BrokerUnavailable(f"job {job_id} not submitted: publishing failed: {e}") from e
+            raise BrokerUnavailable(f"job {job_id} not submitted: {e}") from e
         self.jobs.set_state(job_id, "running")
-        spec = {"job_id": job_id, "preset": chosen.name, "model": model, "items": [i.model_dump() for i in items]}
-        self.storage.put(f"jobs/{job_id}/job.json", json.dumps(spec).encode(), "application/json")
         return Job(self, job_id)
+
+    def _check_limits(self, items: list[Item]) -> None:
+        limits = self.settings.limits
+        if len(items) > limits.max_images_per_job:
+            raise ValidationError(
+                f"{len(items)} images in one job, over the limit of {limits.max_images_per_job} "
+                "(FLUXFLEET_LIMITS__MAX_IMAGES_PER_JOB); split the prompts file",
+                field="images",
+            )
+        for item in items:
+            if len(item.prompt) > limits.max_prompt_chars:
+                raise ValidationError(
+                    f"prompt is {len(item.prompt)} characters, over the limit of {limits.max_prompt_chars}",
+                    where=item.source,
+                    field="prompt",
+                )
+
+    def _check_payload_sizes(self, tasks: list[TaskPayload]) -> None:
+        limit = self.settings.limits.max_payload_bytes
+        for task in tasks:
+            size = len(task.model_dump_json())
+            if size > limit:
+                raise ValidationError(
+                    f"task {task.task_id} would be {size} bytes, over the limit of {limit} "
+                    "(FLUXFLEET_LIMITS__MAX_PAYLOAD_BYTES); shorten the prompts",
+                    field="payload",
+                )
 
     def _safely_abort(self, job_id: str) -> None:
         try:
@@ -152,18 +184,92 @@ class Client:
                 )
 
     def resume(self, job_id: str) -> int:
-        """Re-enqueue every task with an item that has no outcome yet; returns how many."""
+        """Re-enqueue every task with an item that has no outcome yet; returns how many tasks.
+
+        A job Redis no longer knows (restarted without persistence) is rebuilt from its ``job.json``
+        and the records in storage, and only the items without a stored outcome are enqueued.
+        """
+        return self.resume_items(job_id)[0]
+
+    def resume_items(self, job_id: str) -> tuple[int, int]:
+        """Like ``resume``; returns (tasks, items) enqueued."""
+        check_job_id(job_id)
         self.jobs.ping()
         status = self.jobs.status(job_id)
         if status is None:
-            raise FluxfleetError(f"job {job_id} is unknown to Redis")
+            return self._resume_from_storage(job_id)
         missing = [
             t for t in self.jobs.task_payloads(job_id) if not all(self.jobs.is_finished(job_id, i.key) for i in t.items)
         ]
         if missing:
             self.jobs.set_state(job_id, "running")
+            self.jobs.r.hdel(self.jobs._k(job_id), "completed", "finished_at")
             self._publish(missing, status.preset)
-        return len(missing)
+        return len(missing), sum(len(t.items) for t in missing)
+
+    def stored_outcomes(self, job_id: str) -> tuple[dict[str, Any], list[ItemRecord], list[ItemFailure]]:
+        """(job spec, stored records, stored failures) from storage alone."""
+        try:
+            spec = json.loads(self.storage.get(job_spec_key(job_id)))
+        except KeyError:
+            raise FluxfleetError(
+                f"unknown job '{job_id}': not in Redis, and no {job_spec_key(job_id)} in storage"
+            ) from None
+        records = [
+            ItemRecord.model_validate_json(self.storage.get(key))
+            for key in self.storage.list(f"jobs/{job_id}/records/")
+            if key.endswith(".json")
+        ]
+        failures = [
+            ItemFailure.model_validate_json(self.storage.get(key))
+            for key in self.storage.list(f"jobs/{job_id}/failures/")
+            if key.endswith(".json")
+        ]
+        return spec, records, failures
+
+    def _resume_from_storage(self, job_id: str) -> tuple[int, int]:
+        spec, records, failures = self.stored_outcomes(job_id)
+        items = [Item.model_validate(i) for i in spec["items"]]
+        preset = self.preset(spec["preset"])
+        done = {r.key for r in records}
+        failed = {f.key for f in failures} - done
+        tasks = split_tasks(items, job_id=job_id, preset=preset, model=spec["model"])
+        self.jobs.create(job_id=job_id, preset=preset.name, model=spec["model"], tasks=tasks)
+        for record in records:
+            self.jobs.record_done(record)
+        for failure in failures:
+            if failure.key in failed:
+                self.jobs.record_failed(failure)
+        missing_items = [i for i in items if i.key not in done and i.key not in failed]
+        missing_keys = {i.key for i in missing_items}
+        to_publish = split_tasks(missing_items, job_id=job_id, preset=preset, model=spec["model"])
+        logger.info("job %s rebuilt from storage: %d stored, %d to generate", job_id, len(done), len(missing_keys))
+        if to_publish:
+            self._publish(to_publish, preset.name)
+        self.jobs.set_state(job_id, "running")
+        # A job whose every item was stored completes (and gets its manifest) now.
+        if self.jobs.finish_if_complete(job_id):
+            write_manifest(self.storage, self.jobs, job_id)
+        return len(to_publish), len(missing_items)
+
+    def status_from_storage(self, job_id: str) -> JobStatus:
+        """Status of a job Redis has lost: stored items are done, the rest are 'lost'."""
+        spec, records, failures = self.stored_outcomes(job_id)
+        done = {r.key for r in records}
+        keys = {i["key"] for i in spec["items"]}
+        failed = {f.key for f in failures} & (keys - done)
+        return JobStatus(
+            job_id=job_id,
+            preset=spec["preset"],
+            state="lost",
+            total=len(spec["items"]),
+            done=len(done & keys),
+            skipped=sum(1 for r in records if r.skipped),
+            failed=len(failed),
+            cancelled=0,
+            created_at=min((r.finished_at for r in records), default=0.0),
+            missing=len(keys - done - failed),
+        )
 
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
@@ -178,9 +284,10 @@ class Job:
         self.already_submitted = False
 
     def status(self) -> JobStatus:
+        """From Redis; from storage (state 'lost', with ``missing`` items) when Redis lost the job."""
         status = self.client.jobs.status(self.id)
         if status is None:
-            raise FluxfleetError(f"unknown job '{self.id}'")
+            return self.client.status_from_storage(self.id)
         return status
 
     def cancel(self) -> JobStatus:

@@ -54,7 +54,12 @@ def run_demo(*, prompts: Path, output: Path, model_dir: Path, preset: str = "tin
         records = job.results()
         elapsed = (status.finished_at or time.time()) - status.created_at
         generated = [r for r in records if not r.skipped]
-        console.print(f"[bold]{status.state}[/bold]: {status.done} images, {status.failed} failed")
+        console.print(
+            f"[bold]{status.state}[/bold]: {status.done} images ({len(generated)} generated, "
+            f"{status.skipped} already stored), {status.failed} failed"
+        )
+        if status.skipped:
+            console.print("  (the same prompts and seeds map to the same keys: stored images are not made again)")
         if generated:
             per_image = elapsed / len(generated)
             console.print(f"  {len(generated) / elapsed:.2f} images/s, {per_image:.3f} s per image end to end")

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -67,10 +67,10 @@ class QueueReader:
         names = dict.fromkeys([*self.queues, *bindings.values()])
         stats = {q: QueueStats(q) for q in names if q}
 
-        index = self.client.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)
+        index = cast(list[tuple[bytes | str, float]], self.client.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True))
         tags = [_text(tag) for tag, _ in index]
-        entries = self.client.hmget(UNACKED_KEY, tags) if tags else []
-        for (_, delivered_at), entry in zip(index, entries, strict=True):  # type: ignore[arg-type]
+        entries = cast(list[bytes | str | None], self.client.hmget(UNACKED_KEY, tags) if tags else [])
+        for (_, delivered_at), entry in zip(index, entries, strict=True):
             if entry is None:
                 continue
             queue = _queue_of(_text(entry), bindings)
@@ -141,7 +141,7 @@ class QueueCollector:
         yield CounterMetricFamily(m.EXPORTER_ERRORS.base_name, m.EXPORTER_ERRORS.help, value=self.errors)
 
 
-def serve_exporter(settings: Settings, *, port: int, address: str = "0.0.0.0", queues: Iterable[str] = ()) -> Any:
+def serve_exporter(settings: Settings, *, port: int, address: str = "127.0.0.1", queues: Iterable[str] = ()) -> Any:
     """Start the exporter's HTTP server in a thread; returns the server (``.shutdown()`` stops it)."""
     from prometheus_client import CollectorRegistry, start_http_server
 

@@ -6,6 +6,7 @@ The task is a thin adapter: decode the message, hand it to the engine, map error
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -16,9 +17,10 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
+from celery.worker.consumer import Consumer
 
 from fluxfleet.celery_config import make_celery
-from fluxfleet.errors import StorageError, TransientError
+from fluxfleet.errors import FluxfleetError, StorageError, TransientError
 from fluxfleet.jobs import JobStore
 from fluxfleet.keys import TASK_GENERATE
 from fluxfleet.presets import Preset, effective_defaults
@@ -37,9 +39,51 @@ class Runtime:
 
     engine: Any = None
     failure_file: Path | None = None
+    settings: Settings | None = None
 
 
 runtime = Runtime()
+
+
+def count_rejected(reason: str) -> None:
+    """Count a refused message in Redis (``fluxfleet:rejected``); never raises."""
+    if runtime.settings is None:
+        return
+    try:
+        JobStore.from_settings(runtime.settings.broker).count_rejected(reason)
+    except Exception as e:
+        logger.warning("could not count a rejected message: %s", e)
+
+
+class FleetConsumer(Consumer):  # type: ignore[misc]
+    """Celery's consumer, counting the messages it refuses to decode (pickle and other content types)."""
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        from kombu.exceptions import ContentDisallowed
+
+        reason = "content_type" if isinstance(exc, ContentDisallowed) else "undecodable"
+        count_rejected(reason)
+        # Celery logs it and acknowledges it: the body is never deserialized, so never executed.
+        super().on_decode_error(message, exc)
+
+
+def watch_gpu_memory(limit_bytes: int, rss_limit_kib: int) -> None:
+    """Make the pool's between-tasks memory check also recycle the child over ``limit_bytes`` of GPU
+    memory reserved by torch (billiard compares ``mem_rss()`` with ``worker_max_memory_per_child``)."""
+    import billiard.pool
+    import torch
+
+    host_rss = billiard.pool.mem_rss
+
+    def rss_or_gpu() -> int:
+        if torch.cuda.is_available():
+            reserved = sum(torch.cuda.memory_reserved(d) for d in range(torch.cuda.device_count()))
+            if reserved > limit_bytes:
+                logger.warning("GPU reserved memory %d bytes is over the limit of %d; recycling", reserved, limit_bytes)
+                return 2**62
+        return int(host_rss()) if rss_limit_kib else 0
+
+    billiard.pool.mem_rss = rss_or_gpu
 
 
 def worker_name(preset: Preset, gpu: str) -> str:
@@ -48,24 +92,29 @@ def worker_name(preset: Preset, gpu: str) -> str:
 
 def start_engine(settings: Settings, preset: Preset) -> Any:
     """Load, warm up and wrap the pipeline; runs in the process that owns the GPU."""
+    from fluxfleet.errors import ModelLoadError
     from workers.engine import Engine
+    from workers.faults import Faults, with_faults
     from workers.generation import pipeline_generate
     from workers.loading import load_pipeline, warm_up
     from workers.metrics import child_observer
 
+    faults = Faults.from_env()
     observer = child_observer(settings, preset)
+    if faults.load_fail:
+        raise ModelLoadError(f"preset '{preset.name}': injected load failure (FLUXFLEET_TEST_FAULTS)")
     loaded = load_pipeline(preset, settings)
     if settings.worker.warmup:
         warm_up(loaded, preset, effective_defaults(preset, settings))
     observer.pipeline_ready(loaded)
     return Engine(
-        generate=pipeline_generate(loaded, observer),
+        generate=with_faults(pipeline_generate(loaded, observer), faults),
         observer=observer,
         preset=preset,
         model=loaded.model,
         settings=settings,
         storage=open_storage(settings.storage),
-        jobs=JobStore.from_settings(settings.broker),
+        jobs=JobStore.from_settings(settings.broker, patient=True),
         worker_name=worker_name(preset, settings.worker.gpu),
         gpu=settings.worker.gpu,
     )
@@ -73,6 +122,8 @@ def start_engine(settings: Settings, preset: Preset) -> Any:
 
 def build_app(settings: Settings, preset: Preset, engine_factory: Any = start_engine) -> Celery:
     app = make_celery(settings, [preset.name], name=f"fluxfleet-{preset.name}")
+    app.conf.worker_consumer = f"{FleetConsumer.__module__}:{FleetConsumer.__name__}"
+    runtime.settings = settings
 
     @worker_process_init.connect(weak=False)
     def load_in_child(**_: Any) -> None:
@@ -85,6 +136,8 @@ def build_app(settings: Settings, preset: Preset, engine_factory: Any = start_en
             # Ask the parent to stop consuming (its reserved message goes back to the queue unacked).
             os.kill(os.getppid(), signal.SIGTERM)
             os._exit(3)
+        if settings.worker.max_gpu_reserved_bytes:
+            watch_gpu_memory(settings.worker.max_gpu_reserved_bytes, settings.worker.max_rss_bytes // 1024)
         logger.info("worker ready: preset %s", preset.name)
         if settings.worker.ready_file is not None:
             # Readiness only after warm-up: probes (Kubernetes, `fluxfleet up`) wait for this file.
@@ -98,12 +151,19 @@ def build_app(settings: Settings, preset: Preset, engine_factory: Any = start_en
 
     @app.task(name=TASK_GENERATE, bind=True, acks_late=True)
     def generate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-        task = TaskPayload.model_validate(payload)
+        task = decode_payload(payload, settings)
+        if task is None:
+            return {"rejected": True}
         try:
             outcome = runtime.engine.run(task)
         except SoftTimeLimitExceeded:
-            logger.error("task %s hit the soft time limit; its unfinished items go back", task.task_id)
-            raise
+            # Normally the engine stops between denoising steps first; this is the backstop.
+            limit = settings.worker.task_soft_time_limit_s
+            failed = runtime.engine.fail_unfinished(
+                task, f"the task ran into its soft time limit ({limit} s) before this item was stored", "timeout"
+            )
+            logger.error("task %s hit the soft time limit; %d unfinished items failed", task.task_id, failed)
+            return {"generated": 0, "skipped": 0, "failed": failed}
         except (TransientError, OSError) as e:
             retries = self.request.retries
             if retries >= len(RETRY_BACKOFF_S):
@@ -115,3 +175,21 @@ def build_app(settings: Settings, preset: Preset, engine_factory: Any = start_en
         return {"generated": outcome.generated, "skipped": outcome.skipped, "failed": outcome.failed}
 
     return app
+
+
+def decode_payload(payload: Any, settings: Settings) -> TaskPayload | None:
+    """The task's payload, or None (logged and counted) when it breaks a limit or the schema."""
+    size = len(json.dumps(payload, separators=(",", ":")))
+    limit = settings.limits.max_payload_bytes
+    if size > limit:
+        logger.error(
+            "rejected a task of %d bytes, over the limit of %d (FLUXFLEET_LIMITS__MAX_PAYLOAD_BYTES)", size, limit
+        )
+        count_rejected("too_large")
+        return None
+    try:
+        return TaskPayload.model_validate(payload)
+    except (ValueError, FluxfleetError) as e:  # pydantic's ValidationError is a ValueError
+        logger.error("rejected an invalid task payload: %s", e)
+        count_rejected("invalid")
+        return None

@@ -248,8 +248,6 @@ class Engine:
         if leftover and self.jobs.state(payload.job_id) in ("cancelled", "aborted"):
             self.jobs.record_cancelled(payload.job_id, (i.key for i in leftover))
             outcome.cancelled = len(leftover)
-        elif leftover and self.stop_requested.is_set():
-            raise Interrupted(f"worker stopping; {len(leftover)} items of task {payload.task_id} not generated")
         elif leftover:
             limit = self.settings.worker.task_soft_time_limit_s
             self._fail_all(
