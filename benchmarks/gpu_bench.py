@@ -189,7 +189,12 @@ def items(steps: int, n: int = 1, width: int = RES, height: int = RES) -> list[A
     from fluxfleet.schema import GenerationParams, Item
 
     params = GenerationParams(width=width, height=height, steps=steps, guidance=3.5, max_sequence_length=SEQ)
-    return [Item(index=i, prompt=PROMPT, seed=i, params=params, key=f"bench{i}") for i in range(n)]
+    import hashlib
+
+    return [
+        Item(index=i, prompt=PROMPT, seed=i, params=params, key=hashlib.sha1(f"bench{i}".encode()).hexdigest())
+        for i in range(n)
+    ]
 
 
 def transformer_inputs(tr: Any, dtype: Any) -> dict[str, Any]:
@@ -393,9 +398,11 @@ def profile(tr: Any, x: dict[str, Any]) -> None:
         if not us or e.key.startswith("ProfilerStep"):
             continue
         name = e.key.lower()
-        if any(s in name for s in ("attention", "fmha", "flash", "cudnn", "sdpa")):
+        if name.startswith("triton"):
+            g = "triton (fused elementwise/quant)"
+        elif any(s in name for s in ("attention", "fmha", "flash", "cudnn", "sdpa")):
             g = "attention"
-        elif any(s in name for s in ("gemm", "scaled_mm", "matmul", "sm90_xmma", "cutlass", "_mm", "addmm", "gemv")):
+        elif any(s in name for s in ("nvjet", "gemm", "scaled_mm", "matmul", "sm90_xmma", "cutlass", "addmm", "gemv")):
             g = "gemm"
         elif "triton" in name:
             g = "triton (fused elementwise/quant)"

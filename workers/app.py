@@ -56,7 +56,7 @@ def count_rejected(reason: str) -> None:
 
 
 class FleetConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, counting the messages it refuses to decode (pickle and other content types)."""
+    """Celery's consumer, counting the messages it refuses (pickle and other content types, malformed)."""
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         from kombu.exceptions import ContentDisallowed
@@ -65,6 +65,12 @@ class FleetConsumer(Consumer):  # type: ignore[misc]
         count_rejected(reason)
         # Celery logs it and acknowledges it: the body is never deserialized, so never executed.
         super().on_decode_error(message, exc)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        from kombu.exceptions import ContentDisallowed
+
+        count_rejected("content_type" if isinstance(exc, ContentDisallowed) else "invalid_message")
+        super().on_invalid_task(body, message, exc)
 
 
 def watch_gpu_memory(limit_bytes: int, rss_limit_kib: int) -> None:

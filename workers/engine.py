@@ -172,6 +172,7 @@ class Engine:
     # -- the task -----------------------------------------------------------------------------
     def run(self, payload: TaskPayload) -> TaskOutcome:
         outcome = TaskOutcome()
+        self.deadline = time.monotonic() + self.soft_limit_s
         received = time.time()
         queue_wait = max(0.0, received - payload.enqueued_at)
         self.observer.stage("queue_wait", queue_wait, len(payload.items))
@@ -225,7 +226,6 @@ class Engine:
         # After a death, one item per call: the poison item dies alone and the others finish.
         batch_size = 1 if any(deaths) else self.preset.batch_size
 
-        self.deadline = time.monotonic() + self.soft_limit_s
         self.in_flight = []
         try:
             for batch in chunks(to_generate, batch_size):
@@ -235,14 +235,19 @@ class Engine:
                     timings = Timings(queue_wait_s=queue_wait, generate_s=generate_s)
                     self.in_flight.append(self.uploads.submit(self._store, payload, item, image, timings))
                     outcome.generated += 1
+                if batch_size == 1 and any(deaths):
+                    # The next item may kill the process: store this one first.
+                    for future in self.in_flight:
+                        future.result()
         except Interrupted:
             logger.info("task %s interrupted", payload.task_id)
         finally:
-            # Every image handed to an upload thread is stored (or its error raised) before returning.
-            futures, self.in_flight = self.in_flight, []
+            # Every image handed to an upload thread is stored (or its error raised) before returning;
+            # if this wait is interrupted (Celery's soft limit), ``fail_unfinished`` waits for the rest.
             self.deadline = None
-            for future in futures:
+            for future in self.in_flight:
                 future.result()
+            self.in_flight = []
 
         leftover = [i for i in to_generate if not self.jobs.is_finished(payload.job_id, i.key)]
         if leftover and self.jobs.state(payload.job_id) in ("cancelled", "aborted"):

@@ -1,0 +1,77 @@
+"""Faults 11 and 13: Redis killed and restarted with AOF; Redis restarted without persistence."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from producer.stack import RedisServer
+from tests.faultkit import VISIBILITY_S, check_end_state, client_for, fault_stack, prompts, wait_for
+
+pytestmark = pytest.mark.faults
+
+
+def restart(redis: RedisServer, *, lose_data: bool = False) -> None:
+    redis.kill()
+    if lose_data:
+        for path in redis.directory.rglob("*.aof*"):
+            if path.is_file():
+                path.unlink()
+    time.sleep(1)
+    redis.start()  # same port, same directory
+
+
+def test_redis_kill_with_aof_then_without_persistence(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with fault_stack(tmp_path, tiny_model_dir, FLUXFLEET_TEST_FAULTS="step_delay=0.3") as stack:
+        redis = stack.start_redis(appendonly=True)
+        worker = stack.start_worker("tiny")
+        worker.wait_ready(timeout=180)
+        client = client_for(stack)
+
+        # 11. Given a task in flight and one queued, Redis is SIGKILLed and restarted from its AOF:
+        job = client.submit(prompts(8), preset="tiny", job_id="aof")
+        wait_for(lambda: client.jobs.item_starts(job.id), 60, "the first task to start")
+        time.sleep(1.2)  # appendfsync everysec
+        restart(redis)
+        # the queued task survives, the in-flight one completes, the worker reconnects on its own.
+        assert job.wait(timeout=VISIBILITY_S + 90).state == "done"
+        check_end_state(client, job.id, done=8, started_once=False)
+
+        # 13. Redis restarted with its data gone, while a job was in progress:
+        job = client.submit(prompts(16, "lost"), preset="tiny", job_id="lost")
+        wait_for(lambda: job.status().done >= 4, 60, "the first task to be stored")
+        restart(redis, lose_data=True)
+        time.sleep(3)  # whatever was running finishes into a Redis that no longer knows the job
+        # `fluxfleet status` reports the job lost, with the items not in storage as missing;
+        env = {**stack.env, "PATH": str(Path(sys.executable).parent)}
+        out = subprocess.run(
+            [sys.executable, "-m", "producer.cli", "status", "lost", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        status = json.loads(out.stdout)
+        assert status["state"] == "lost" and status["total"] == 16
+        assert status["done"] + status["missing"] == 16 and status["missing"] >= 4
+        missing = status["missing"]
+        # `fluxfleet submit --resume lost` re-enqueues exactly the missing items;
+        out = subprocess.run(
+            [sys.executable, "-m", "producer.cli", "submit", "--resume", "lost"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert f"re-enqueued {missing} missing item(s)" in out.stdout
+        # and the job completes with every item stored once.
+        assert client.job("lost").wait(timeout=90).state == "done"
+        check_end_state(client, "lost", done=16, started_once=False)
+        assert worker.stop() == 0
