@@ -318,7 +318,7 @@ def measure(args: argparse.Namespace) -> None:
     log(f"[{args.label}] first image {time.time() - t0:.1f}s after process start (load {rec['load_s']}s)")
 
     out = []
-    for steps in (28, 50):
+    for steps in [int(n) for n in args.steps.split(",")]:
         for rep in range(args.reps):
             t = time.perf_counter()
             generate(items(steps), lambda: False)
@@ -333,6 +333,10 @@ def measure(args: argparse.Namespace) -> None:
                 out.append(r)
     peak = round(mem("peak") / GiB, 2)
     extra: dict[str, Any] = {"peak_gib": peak, "peak_reserved_gib": round(mem("peak_reserved") / GiB, 2)}
+    # where the last generation left things (lean: the text encoders are off the GPU between tasks)
+    extra["mem_after_generate_gib"] = round(mem("alloc") / GiB, 2)
+    with contextlib.suppress(StopIteration, AttributeError):
+        extra["text_encoder_2_device"] = str(next(pipe.text_encoder_2.parameters()).device)
 
     # transformer-only timing and error against the bf16 reference (not for whole-model compiles: another
     # call signature could recompile for minutes)
@@ -536,9 +540,12 @@ def run(args: argparse.Namespace) -> None:
     if not (model_dir / "model_index.json").is_file():
         subprocess.run([sys.executable, __file__, "build", str(model_dir)], env=env, check=True)
     steps_done = []
+    needs = {"anchor:fp8_compile": 480, "anchor:bf16_compile": 200}
+    needs.update({k: float(v) for k, _, v in (p.partition("=") for p in args.need.split(",") if p)})
+    short = set(args.short.split(","))
     for step in args.plan.split(","):
         left = deadline - time.time()
-        need = {"anchor:fp8_compile": 480, "anchor:bf16_compile": 200}.get(step, 90)
+        need = needs.get(step, 90)
         if left < need:
             log(f"--- skip {step}: {left:.0f}s left, needs ~{need}s")
             continue
@@ -569,6 +576,8 @@ def run(args: argparse.Namespace) -> None:
                     cmd.append("--profile")
                 if step in args.new_shapes.split(","):
                     cmd.append("--new-shapes")
+                if step in short:
+                    cmd += ["--steps", "28"]
                 cenv["BENCH_T0"] = str(time.time())
                 rc = subprocess.run(cmd, env=cenv, timeout=max(30, deadline - time.time())).returncode
                 if rc:
@@ -602,6 +611,7 @@ def main() -> None:
     m.add_argument("--save-ref", action="store_true")
     m.add_argument("--profile", action="store_true")
     m.add_argument("--new-shapes", action="store_true")
+    m.add_argument("--steps", default="28,50", help="step counts measured after the first image")
     r = sub.add_parser("run")
     r.add_argument("--plan", required=True)
     r.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "fluxdev-random"))
@@ -610,6 +620,12 @@ def main() -> None:
     r.add_argument("--worker-images", type=int, default=6)
     r.add_argument("--profile", default="")
     r.add_argument("--new-shapes", default="")
+    r.add_argument("--short", default="", help="plan steps measured at 28 steps only (no 50-step image)")
+    r.add_argument(
+        "--need",
+        default="",
+        help="seconds a plan step needs, e.g. 'torchao-int8wo=150,quanto-int8=120' (skipped when less is left)",
+    )
     r.add_argument("--tag", default="run")
     args = parser.parse_args()
     if args.cmd == "build":

@@ -320,14 +320,20 @@ class Job:
             bar.start()
             bar_task = bar.add_task("images", total=status.total, rate="")
         started = time.monotonic()
+        settled_by: float | None = None
         try:
             while True:
                 status = self.status()
                 if bar is not None:
                     elapsed = max(time.monotonic() - started, 1e-6)
                     bar.update(bar_task, completed=status.finished, rate=f"{status.done / elapsed:.2f} img/s")
-                if status.is_terminal or status.finished >= status.total:
+                if status.is_terminal:
                     return status
+                if status.finished >= status.total:
+                    # The last worker marks the job and writes the manifest just after the last record.
+                    settled_by = settled_by or time.monotonic() + 5.0
+                    if time.monotonic() > settled_by:
+                        return status
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"job {self.id}: {status.finished}/{status.total} finished after {timeout} s")
                 time.sleep(poll_s)

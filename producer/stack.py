@@ -40,9 +40,17 @@ def redis_server_binary() -> str:
 class RedisServer:
     """A private redis-server on a free loopback port; ``appendonly`` keeps queued work across restarts."""
 
-    def __init__(self, *, port: int | None = None, appendonly: bool = True, directory: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        appendonly: bool = True,
+        directory: Path | None = None,
+        password: str | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.password = password
         self.directory = directory or Path(tempfile.mkdtemp(prefix="fluxfleet-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -68,10 +76,12 @@ class RedisServer:
             "--dir",
             str(self.directory),
         ]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.directory.mkdir(parents=True, exist_ok=True)
         log = open(self.directory / "redis.log", "ab")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(redis.RedisError):

@@ -28,6 +28,7 @@ from fluxfleet.schema import TaskPayload
 from fluxfleet.settings import Settings
 from fluxfleet.storage import open_storage
 from workers.metrics import retry_reason
+from workers.timeouts import request_class
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def build_app(settings: Settings, preset: Preset, engine_factory: Any = start_en
         if runtime.engine is not None:
             runtime.engine.uploads.shutdown(wait=True)
 
-    @app.task(name=TASK_GENERATE, bind=True, acks_late=True)
+    @app.task(name=TASK_GENERATE, bind=True, acks_late=True, Request=request_class(settings))
     def generate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         task = decode_payload(payload, settings)
         if task is None:

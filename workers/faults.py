@@ -10,6 +10,8 @@ The variable holds comma-separated ``name=value`` pairs, read once in the pool c
 - ``oom_over=N``     raise ``torch.OutOfMemoryError`` for every batch of more than N items
 - ``oom_on=WORD``    raise ``torch.OutOfMemoryError`` for every batch holding a prompt containing WORD
 - ``load_fail=1``    fail in the pool child while loading the pipeline
+- ``hang_on=WORD``   never return, ignoring the soft time limit, for a batch holding a prompt with WORD
+                     (a stuck CUDA call: only the hard time limit ends it)
 
 Production never sets it; a worker logs a warning when it does.
 """
@@ -39,6 +41,7 @@ class Faults:
     oom_over: int = 0
     oom_on: str = ""
     load_fail: bool = False
+    hang_on: str = ""
 
     @property
     def active(self) -> bool:
@@ -58,7 +61,7 @@ class Faults:
                 values[name] = int(value)
             elif name == "load_fail":
                 values[name] = value not in ("", "0", "false")
-            elif name in ("slow_on", "crash_on", "oom_on"):
+            elif name in ("slow_on", "crash_on", "oom_on", "hang_on"):
                 values[name] = value
             else:
                 raise ValueError(f"{ENV}: unknown fault '{name}'")
@@ -77,6 +80,17 @@ def out_of_memory(batch_size: int) -> BaseException:
     )
 
 
+def _hang() -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    logger.error("injected hang: ignoring the soft time limit")
+    while True:
+        try:
+            time.sleep(1)
+        except SoftTimeLimitExceeded:
+            continue
+
+
 def with_faults(generate: Callable[..., list[Any]], faults: Faults) -> Callable[..., list[Any]]:
     """``generate`` with the configured faults injected; ``generate`` itself when none are."""
     if not faults.active:
@@ -87,6 +101,8 @@ def with_faults(generate: Callable[..., list[Any]], faults: Faults) -> Callable[
         if _holds(batch, faults.crash_on):
             logger.error("injected crash: SIGKILL to the pool child")
             os.kill(os.getpid(), signal.SIGKILL)
+        if _holds(batch, faults.hang_on):
+            _hang()
         if (faults.oom_over and len(batch) > faults.oom_over) or _holds(batch, faults.oom_on):
             raise out_of_memory(len(batch))
         if faults.step_delay and (not faults.slow_on or _holds(batch, faults.slow_on)):

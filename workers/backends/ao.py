@@ -4,6 +4,12 @@ diffusers 0.38+ takes torchao config objects, not string names. ``type`` is one 
 ``group_size`` and ``int4_packing_format``. torchao 0.18's default int4 format ("plain") needs the
 mslk package, which has no usable wheel on the GPU host; "tile_packed_to_4d" runs on torch's own
 tinygemm kernel (``aten._weight_int4pack_mm``, CUDA, bfloat16 only), so it is the default here.
+
+Every config is built with ``set_inductor_config=False`` (a field of each torchao config; diffusers'
+TorchAoConfig passes the object through to ``quantize_``, which has no such argument in torchao 0.18). With
+the default True, torchao turns on inductor's coordinate-descent tuning with all directions when it
+quantizes, and the regional compile of torchao-fp8-dynamic-row took 260 s to warm up on an H100
+(benchmarks/results, call4). The compile settings stay the preset's ``[compile]``.
 """
 
 from __future__ import annotations
@@ -37,13 +43,15 @@ def ao_config(preset: Preset) -> Any:
                 f"preset '{preset.name}': torchao int4 'tile_packed_to_4d' needs dtype = 'bfloat16', "
                 f"got '{preset.dtype}'"
             )
-        return Int4WeightOnlyConfig(group_size=int(opts.get("group_size", 128)), int4_packing_format=packing)
+        return Int4WeightOnlyConfig(
+            group_size=int(opts.get("group_size", 128)), int4_packing_format=packing, set_inductor_config=False
+        )
     if kind == "int8_weight_only":
-        return Int8WeightOnlyConfig()
+        return Int8WeightOnlyConfig(set_inductor_config=False)
     if kind == "float8_weight_only":
-        return Float8WeightOnlyConfig()
+        return Float8WeightOnlyConfig(set_inductor_config=False)
     if kind == "float8_dynamic_row":
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
     raise ConfigurationError(f"preset '{preset.name}': quantization.options.type '{kind}' is not one of {TYPES}")
 
 
