@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
 	  systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true; \
 	  pkill -x prometheus >/dev/null 2>&1 || true; pkill -f prometheus-node-exporter >/dev/null 2>&1 || true; }
+	@command -v docker-compose >/dev/null 2>&1 || { \
+	  echo "installing docker-compose (validates docker-compose.yml in the tests) with apt-get"; \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null || true; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first, pinned: a plain `torch` would pull several GB of CUDA.
