@@ -9,19 +9,21 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "installing redis-server with apt-get"; \
-	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
-	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
-	  systemctl disable --now redis-server >/dev/null 2>&1 || service redis-server stop >/dev/null 2>&1 || true; }
-	@command -v prometheus >/dev/null 2>&1 || { \
-	  echo "installing prometheus (for the metrics tests) with apt-get"; \
-	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
-	  systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true; \
-	  pkill -x prometheus >/dev/null 2>&1 || true; pkill -f prometheus-node-exporter >/dev/null 2>&1 || true; }
-	@command -v docker-compose >/dev/null 2>&1 || { \
-	  echo "installing docker-compose (validates docker-compose.yml in the tests) with apt-get"; \
-	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null || true; }
+	@# Debian packages the demo and tests use for real (redis-server, prometheus/promtool, docker-compose)
+	@# and python3-venv, which Debian ships apart from python3.
+	@missing=""; \
+	for tool in redis-server:redis-server prometheus:prometheus promtool:prometheus docker-compose:docker-compose; do \
+	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; \
+	done; \
+	$(PY) -c "import ensurepip, venv" >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing with apt-get:$$missing"; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  $$sudo systemctl disable --now redis-server prometheus prometheus-node-exporter >/dev/null 2>&1 || true; \
+	  $$sudo service redis-server stop >/dev/null 2>&1 || true; \
+	  $$sudo pkill -x prometheus >/dev/null 2>&1 || true; $$sudo pkill -f prometheus-node-exporter >/dev/null 2>&1 || true; \
+	fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first, pinned: a plain `torch` would pull several GB of CUDA.
