@@ -62,7 +62,7 @@ def celery_config(settings: Settings, queues: list[str] | None = None) -> dict[s
     if queues:
         config["task_queues"] = [Queue(q, routing_key=q) for q in queues]
     if broker.url.startswith("rediss://"):
-        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        config["broker_use_ssl"] = {**broker.tls_options(), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     return config
 
 

@@ -53,6 +53,7 @@ def redis_client(broker: BrokerSettings, *, patient: bool = False) -> redis.Redi
         socket_timeout=max(broker.connect_timeout_s, 10.0),
         decode_responses=True,
         retry_on_timeout=False,
+        **broker.tls_options(),
         **extra,  # type: ignore[arg-type]
     )
 

@@ -36,6 +36,18 @@ class BrokerSettings(BaseModel):
     )
     connect_timeout_s: float = Field(3.0, gt=0, description="seconds to wait for Redis before giving up")
     key_prefix: str = "fluxfleet"
+    tls_ca_file: Path | None = Field(
+        None, description="CA bundle that signed the Redis server's certificate (rediss://); system CAs when unset"
+    )
+
+    def tls_options(self) -> dict[str, Any]:
+        """Certificate checks for ``rediss://`` (always verified), as redis-py and kombu name them."""
+        if not self.url.startswith("rediss://"):
+            return {}
+        options: dict[str, Any] = {"ssl_cert_reqs": "required"}
+        if self.tls_ca_file is not None:
+            options["ssl_ca_certs"] = str(self.tls_ca_file)
+        return options
 
     def url_with_password(self) -> str:
         """The broker URL with ``password`` spliced in (a password already in the URL wins)."""

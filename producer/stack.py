@@ -47,7 +47,10 @@ class RedisServer:
         appendonly: bool = True,
         directory: Path | None = None,
         password: str | None = None,
+        tls_dir: Path | None = None,
     ) -> None:
+        """``tls_dir`` holds server.crt, server.key and ca.crt: serve TLS only (``rediss://``)."""
+        self.tls_dir = tls_dir
         self.port = port or free_port()
         self.appendonly = appendonly
         self.password = password
@@ -56,7 +59,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls_dir else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         args = [
@@ -78,10 +82,20 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        tls: dict[str, str] = {}
+        if self.tls_dir:
+            args[args.index("--port") + 1] = "0"
+            args += ["--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            args += ["--tls-cert-file", str(self.tls_dir / "server.crt")]
+            args += ["--tls-key-file", str(self.tls_dir / "server.key")]
+            args += ["--tls-ca-cert-file", str(self.tls_dir / "ca.crt")]
+            tls = {"ssl_ca_certs": str(self.tls_dir / "ca.crt")}
         self.directory.mkdir(parents=True, exist_ok=True)
         log = open(self.directory / "redis.log", "ab")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
+        client = redis.Redis(
+            port=self.port, password=self.password, socket_connect_timeout=0.5, ssl=bool(self.tls_dir), **tls
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(redis.RedisError):

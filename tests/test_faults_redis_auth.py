@@ -4,6 +4,7 @@ without it they fail clearly; the password never reaches the logs."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,72 @@ def test_password_protected_redis(tmp_path: Path, tiny_model_dir: Path) -> None:
         assert job.wait(timeout=90).state == "done"
         check_end_state(client, job.id, done=2)
         assert PASSWORD not in worker.log()
+
+
+def make_certificates(directory: Path) -> Path:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=60)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fluxfleet-test-ca",
+    )
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"
+    )
+    (directory / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    )
+    return directory
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl missing")
+def test_tls_redis(tmp_path: Path, tiny_model_dir: Path) -> None:
+    certificates = make_certificates(tmp_path / "tls")
+    env = {**base_env(tiny_model_dir, f"file://{tmp_path / 'store'}")}
+    with LocalStack(env=env, workdir=tmp_path) as stack:
+        stack.redis = RedisServer(directory=tmp_path / "redis", tls_dir=certificates).start()
+        stack.env["FLUXFLEET_BROKER__URL"] = stack.redis.url
+        assert stack.redis.url.startswith("rediss://")
+
+        # Without the CA the server's certificate is not trusted: the producer refuses to talk to it.
+        with pytest.raises(BrokerUnavailable):
+            Client(settings_for(stack.env)).submit(["a cat"], preset="tiny")
+
+        # With it, the whole path runs over TLS: producer, Celery broker connection, job state.
+        stack.env["FLUXFLEET_BROKER__TLS_CA_FILE"] = str(certificates / "ca.crt")
+        worker = stack.start_worker("tiny")
+        worker.wait_ready(timeout=180)
+        client = Client(settings_for(stack.env))
+        job = client.submit(["a red cat", "a blue door"], preset="tiny", job_id="tls")
+        assert job.wait(timeout=90).state == "done"
+        check_end_state(client, job.id, done=2)
