@@ -205,3 +205,21 @@ def test_torchao_cuda_only_types(tiny_model_for_backends: Path, kind: str) -> No
     preset = make_preset("torchao", {"type": kind, "group_size": 32}, dtype="bfloat16", placement={"policy": "gpu"})
     loaded = load_pipeline(preset, Settings(model_dir=tiny_model_for_backends, worker=WorkerSettings(device="cuda")))
     assert "Linear" in weight_type(loaded.pipe)
+
+
+def test_torchao_footprint_counts_the_quantized_storage(tiny_model_for_backends: Path) -> None:
+    # Given the tiny transformer in float32 and again quantized to int8 weight-only by torchao,
+    from workers.backends.footprint import module_bytes
+
+    pytest.importorskip("torchao")
+    plain, _ = generate(make_preset(), tiny_model_for_backends)
+    quantized, _ = generate(
+        make_preset(
+            "torchao",
+            {"type": "int8_weight_only"},
+            quantization={"backend": "torchao", "components": ["transformer"], "options": {"type": "int8_weight_only"}},
+        ),
+        tiny_model_for_backends,
+    )
+    # then the recorded footprint shrinks with the weights (int8 against float32: well under half).
+    assert module_bytes(quantized.transformer) < 0.5 * module_bytes(plain.transformer)

@@ -17,18 +17,29 @@ COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
 GIB = 1024**3
 
 
+def tensor_bytes(tensor: Any) -> int:
+    """Storage bytes of a tensor; a tensor subclass (torchao) counts the inner tensors it is made of,
+    since its own ``element_size`` reports the dtype it stands for, not what it stores."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if callable(flatten):
+        names, _ = flatten()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names if getattr(tensor, name) is not None)
+    return int(tensor.numel() * tensor.element_size())
+
+
 def module_bytes(module: Any) -> int:
     """Bytes a module holds; quantized tensors count their packed storage."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(callable(getattr(t, "__tensor_flatten__", None)) for t in tensors):
+        # get_memory_footprint multiplies numel by element_size, which over-counts torchao tensors.
+        return sum(tensor_bytes(t) for t in tensors)
     footprint = getattr(module, "get_memory_footprint", None)
     if callable(footprint):
         try:
             return int(footprint())
         except Exception:  # some tensor subclasses do not answer; fall back to counting
             logger.debug("get_memory_footprint failed for %s; counting parameters", type(module).__name__)
-    total = 0
-    for tensor in [*module.parameters(), *module.buffers()]:
-        total += tensor.numel() * tensor.element_size()
-    return total
+    return sum(tensor_bytes(t) for t in tensors)
 
 
 @dataclass
