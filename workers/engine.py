@@ -51,6 +51,10 @@ STORAGE_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 """Pauses between attempts of one storage write before the error reaches the task (about 15 s)."""
 
 
+CANCEL_POLL_S = 1.0
+"""Seconds between reads of a running job's state (cancelled or not) during generation."""
+
+
 class Interrupted(Exception):
     """Raised inside a pipeline call when the job was cancelled or the task must stop."""
 
@@ -107,6 +111,7 @@ class Engine:
         self.worker_name = worker_name
         self.gpu = gpu
         self.observer = observer or Observer()
+        self._stopped_jobs: dict[str, tuple[float, bool]] = {}
         self.counter = TokenCounter(model)
         self.uploads = ThreadPoolExecutor(settings.storage.upload_threads, thread_name_prefix="upload")
         self.stop_requested = threading.Event()
@@ -301,9 +306,17 @@ class Engine:
         return [(item, image, generate_s) for item, image in zip(batch, images, strict=True)]
 
     def _should_stop(self, job_id: str) -> bool:
-        if self.stop_requested.is_set() or (self.deadline is not None and time.monotonic() > self.deadline):
+        now = time.monotonic()
+        if self.stop_requested.is_set() or (self.deadline is not None and now > self.deadline):
             return True
-        return self.jobs.state(job_id) in ("cancelled", "aborted")
+        # Called between every denoising step: read the job's state from Redis at most every
+        # CANCEL_POLL_S, not once per step (a cancel still lands within a second).
+        cached = self._stopped_jobs.get(job_id)
+        if cached is not None and now - cached[0] < CANCEL_POLL_S:
+            return cached[1]
+        stopped = self.jobs.state(job_id) in ("cancelled", "aborted")
+        self._stopped_jobs = {job_id: (now, stopped)}
+        return stopped
 
     def _retrying(self, what: str, write: Callable[[], bool]) -> bool:
         """``write()`` retried with backoff on ``StorageError``; the last error is raised."""
