@@ -6,14 +6,13 @@ Prints a table and writes JSON. Target: <= 5 s for 10,000 prompts on a 2-core ma
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.cpu_results import write_results
 from fluxfleet.keys import queue_name
 from fluxfleet.settings import Settings
 from producer.client import Client
@@ -51,18 +50,7 @@ def main() -> None:
         print(f"{row['run']:>4} {row['prompts']:>8} {row['tasks_queued']:>6} {row['seconds']:>8.2f} {rate:>10.0f}")
     best = min(r["seconds"] for r in rows)
     print(f"best: {best:.2f} s for {args.prompts} prompts (target <= 5 s)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "device": platform.processor() or platform.machine(),
-                "date": time.strftime("%Y-%m-%d"),
-                "benchmark": "submit",
-                "records": rows,
-            },
-            indent=2,
-        )
-    )
+    write_results(args.out, "submit", rows)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ manifest bookkeeping. Target: <= 50 ms per image. Prints a table and writes JSON
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -19,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.cpu_results import write_results
 from fluxfleet.settings import Settings
 from producer.client import Client
 from producer.stack import LocalStack
@@ -83,18 +82,7 @@ def main() -> None:
         f"{overhead * 1000:>11.1f}ms {encode * 1000:>6.1f}ms {upload * 1000:>5.1f}ms"
     )
     print("(png encode and upload run on background threads, overlapping the next pipeline call)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "device": platform.processor() or platform.machine(),
-                "date": time.strftime("%Y-%m-%d"),
-                "benchmark": "worker_overhead",
-                "records": [rows],
-            },
-            indent=2,
-        )
-    )
+    write_results(args.out, "worker_overhead", [rows])
 
 
 if __name__ == "__main__":
