@@ -10,7 +10,10 @@ Steps:
                        saves the reference transformer/T5 outputs for the relative errors
   anchor:bf16_compile  bf16 + torch.compile(transformer) (whole model, default mode)
   anchor:fp8_compile   torchao Float8DynamicActivationFloat8Weight(PerRow) + torch.compile (whole model)
-  NAME[:cold|:warm]    a preset, loaded through ``workers.loading.load_pipeline`` (the worker's code);
+  NAME[@VARIANT][:cold|:warm]
+                       a preset, loaded through ``workers.loading.load_pipeline`` (the worker's code);
+                       ``@VARIANT`` changes settings of the preset as ``VARIANTS`` below says (one lever
+                       at a time, for predict-change-measure);
                        ``cold`` empties every compile cache first, ``warm`` keeps the shared fluxfleet
                        cache but gives inductor/triton fresh local dirs (another host of the fleet)
   worker:NAME          a real worker (``python -m workers.main``) behind Redis, jobs via ``producer.client``
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -52,6 +56,13 @@ TRANSFORMER_CFG = dict(
 )
 RES = int(os.environ.get("BENCH_RES", "1024"))
 SEQ = int(os.environ.get("BENCH_SEQ", "512"))
+# Benchmark-only changes to a preset: nested fields merged over the preset file's, e.g. "fast@cudagraphs".
+VARIANTS: dict[str, dict[str, Any]] = {
+    "cudagraphs": {"compile": {"mode": "reduce-overhead"}},
+    "cdtune": {"speed": {"coordinate_descent_tuning": True}},
+    "autotune": {"compile": {"mode": "max-autotune-no-cudagraphs"}},
+    "no_vae_tiling": {"speed": {"vae_tiling": False}},
+}
 PROMPT = "a photo of a red cat on a wooden bridge over a river at night"
 GiB = 2**30
 
@@ -222,6 +233,18 @@ def transformer_inputs(tr: Any, dtype: Any) -> dict[str, Any]:
     )
 
 
+def with_variant(preset: Any, variant: str) -> Any:
+    if not variant:
+        return preset
+
+    def merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+        return {k: merge(base[k], v) if isinstance(v, dict) and k in base else v for k, v in change.items()} | {
+            k: v for k, v in base.items() if k not in change
+        }
+
+    return type(preset).model_validate(merge(preset.model_dump(), VARIANTS[variant]))
+
+
 def rel_err(a: Any, b: Any) -> float:
     a, b = a.float().cpu(), b.float().cpu()
     return float((a - b).norm() / b.norm())
@@ -288,9 +311,14 @@ def measure(args: argparse.Namespace) -> None:
         preset = None
     else:
         settings = Settings(model_dir=model_dir)
-        preset = load_preset(what, settings.presets_dir)
-        rec["preset"] = what
+        name, _, variant = what.partition("@")
+        preset = with_variant(load_preset(name, settings.presets_dir), variant)
+        rec["preset"] = name
+        rec["variant"] = variant or None
         loaded = load_pipeline(preset, settings)
+        rec["load_stages_s"] = {k: round(v, 1) for k, v in loaded.stages.items()}
+        if loaded.speed is not None:
+            rec["speed_report"] = dataclasses.asdict(loaded.speed)
         pipe = loaded.pipe
         whole_compiled = preset.compile.enabled and not preset.compile.regional
         rec["speed"] = preset.speed.model_dump(exclude_defaults=True)

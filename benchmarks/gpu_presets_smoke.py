@@ -72,6 +72,15 @@ def run_one(name: str, model: str, steps: int, gguf_dir: str | None, no_compile:
         "steps": steps,
         "first_call_s": round(warmup_s, 1),
         "load_s": round(loaded.load_s, 1),
+        # where each component went and what each GPU held (a balanced placement splits them)
+        "device_map": {k: str(v) for k, v in (getattr(loaded.pipe, "hf_device_map", None) or {}).items()},
+        "per_gpu_after_gen_gib": [
+            round(torch.cuda.memory_allocated(i) / GIB, 2) for i in range(torch.cuda.device_count())
+        ],
+        "per_gpu_peak_gib": [
+            round(torch.cuda.max_memory_allocated(i) / GIB, 2) for i in range(torch.cuda.device_count())
+        ],
+        "load_stages_s": {k: round(v, 1) for k, v in loaded.stages.items()},
     }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ class LoadedPipeline:
     load_s: float
     warmup_s: float = 0.0
     memory: Any = None  # workers.backends.footprint.MemoryRecord: per component, after load, peaks
+    stages: dict[str, float] = field(default_factory=dict)  # seconds: from_pretrained, placement, speed
+    speed: Any = None  # workers.speed.SpeedReport: levers applied, compile cache hit, warm-up
 
 
 def resolve_device(setting: str) -> str:
@@ -71,7 +73,7 @@ def load_pipeline(preset: Preset, settings: Settings) -> LoadedPipeline:
     try:
         # A directory written by `fluxfleet quantize` carries its quantization config: load it as saved.
         kwargs = {} if prequantized else pipeline_kwargs(preset, dtype, source)
-        pipe = FluxPipeline.from_pretrained(source, torch_dtype=dtype, **kwargs, **load_kwargs(placement))
+        pipe = FluxPipeline.from_pretrained(source, torch_dtype=dtype, **kwargs, **load_kwargs(placement, device))
         if not prequantized:
             after_load(pipe, preset, dtype)
     except FluxfleetError:
@@ -84,13 +86,25 @@ def load_pipeline(preset: Preset, settings: Settings) -> LoadedPipeline:
         component = getattr(pipe, name, None)
         if component is not None:
             component.eval()
+    stages = {"from_pretrained": time.perf_counter() - started}
     post_load(pipe, preset, device, placement)
-    apply_speed(pipe, preset, device)  # the preset's [speed] levers; a no-op without them
+    stages["placement"] = time.perf_counter() - started - stages["from_pretrained"]
+    speed = apply_speed(pipe, preset, device)  # the preset's [speed] levers; a no-op without them
+    stages["speed"] = time.perf_counter() - started - stages["from_pretrained"] - stages["placement"]
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - started
-    logger.info("loaded preset %s (%s) on %s in %.1f s", preset.name, source, device, load_s)
+    logger.info(
+        "loaded preset %s (%s) on %s in %.1f s (%s)",
+        preset.name,
+        source,
+        device,
+        load_s,
+        ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()),
+    )
     memory = record_after_load(pipe, preset.name, device)
-    return LoadedPipeline(pipe=pipe, device=device, model=source, load_s=load_s, memory=memory)
+    return LoadedPipeline(
+        pipe=pipe, device=device, model=source, load_s=load_s, memory=memory, stages=stages, speed=speed
+    )
 
 
 def warm_up(loaded: LoadedPipeline, preset: Preset, defaults: GenerationDefaults) -> float:

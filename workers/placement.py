@@ -3,7 +3,8 @@
 The decision is ``fluxfleet.planner.plan_placement`` (pure numbers); this module reads the free
 memory of the worker's GPUs, refuses combinations that only the installed versions can judge, and
 calls ``.to()``, ``enable_model_cpu_offload()`` or ``enable_group_offload()``. ``device_map="balanced"``
-must be chosen before loading: :func:`load_kwargs` gives it to ``from_pretrained``.
+and loading straight onto a single GPU must be chosen before loading: :func:`load_kwargs` gives them to
+``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -59,9 +60,19 @@ def check_versions(preset: Preset, plan: Placement) -> None:
             )
 
 
-def load_kwargs(plan: Placement) -> dict[str, Any]:
-    """``from_pretrained`` arguments the placement needs at load time."""
-    return {"device_map": "balanced"} if plan.policy == "balanced" else {}
+def load_kwargs(plan: Placement, device: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments the placement needs at load time.
+
+    A whole-pipeline-on-one-GPU placement loads straight onto the GPU (``device_map="cuda"``): no bf16 copy
+    in host memory first, backends that quantize while loading (quanto, torchao) do it on the GPU, and
+    torchao's int4 packing, which has no CPU kernel, finds its weights there. diffusers accepts only the
+    bare device type, so a worker addressing ``cuda:N`` loads on the CPU and moves afterwards.
+    """
+    if plan.policy == "balanced":
+        return {"device_map": "balanced"}
+    if plan.policy == "gpu" and device == "cuda":
+        return {"device_map": "cuda"}
+    return {}
 
 
 def apply_placement(pipe: Any, plan: Placement, device: str) -> None:

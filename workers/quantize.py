@@ -4,8 +4,9 @@ Loads the preset's pipeline quantized (on the GPU when there is one: bitsandbyte
 there) and saves it with ``save_pretrained``; the components' configs carry the quantization
 config, so a preset whose ``model`` is DIR loads it without quantizing again (workers.loading
 detects it). ``--dequantize`` saves the preset's weights back in its dtype where diffusers supports
-it (bitsandbytes, torchao). ``--gguf Q8_0`` writes the transformer as a GGUF file instead (the
-formats the ``gguf`` package can quantize: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; not the K-quants).
+it (bitsandbytes, torchao). ``--gguf Q8_0`` writes the transformer as a GGUF file instead: Q4_0,
+Q4_1, Q5_0, Q5_1, Q8_0 quantized by the ``gguf`` package, Q2_K by workers.gguf_kquants (that package
+only reads K-quants); not the other K-quants.
 """
 
 from __future__ import annotations
@@ -65,6 +66,17 @@ def save_dequantized(preset: Preset, settings: Settings, out: Path) -> Path:
     return out
 
 
+def _quantize(array: Any, qtype: Any) -> Any:
+    """GGUF bytes of ``array``: Q2_K by our numpy quantizer (the gguf package has none), the rest by gguf."""
+    import gguf
+
+    if qtype == gguf.GGMLQuantizationType.Q2_K:
+        from workers.gguf_kquants import quantize_q2_k
+
+        return quantize_q2_k(array)
+    return gguf.quants.quantize(array, qtype)
+
+
 def write_gguf(transformer_dir: Path, out: Path, quant_type: str) -> Path:
     """Quantize a diffusers transformer's weights into a GGUF file (2-D weights whose rows fit the block)."""
     import gguf
@@ -81,7 +93,7 @@ def write_gguf(transformer_dir: Path, out: Path, quant_type: str) -> Path:
                 array = f.get_tensor(key).float().numpy()
                 if array.ndim == 2 and array.shape[-1] % block == 0:
                     try:
-                        writer.add_tensor(key, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+                        writer.add_tensor(key, _quantize(array, qtype), raw_dtype=qtype)
                         continue
                     except NotImplementedError as e:
                         raise ConfigurationError(f"the gguf package cannot quantize to {quant_type}: {e}") from e
@@ -98,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--dequantize", action="store_true", help="save the weights back in the preset's dtype")
-    parser.add_argument("--gguf", metavar="TYPE", help="write the transformer as a GGUF file of this type")
+    parser.add_argument(
+        "--gguf",
+        metavar="TYPE",
+        help="write the transformer as a GGUF file of this type (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 or Q2_K)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = Settings()

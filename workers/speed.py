@@ -206,6 +206,11 @@ def apply_speed(pipe: Any, preset: Preset, device: str) -> SpeedReport:
     if spec.compile_vae_decoder:
         pipe.vae.decoder = torch.compile(pipe.vae.decoder, fullgraph=False)
         report.applied.append("vae_decoder_compiled")
+    if preset.compile.enabled and spec.coordinate_descent_tuning:
+        # Tunes block sizes of inductor's own triton kernels (activation quantization, norms, RoPE), one
+        # direction at a time: torchao's all-directions variant made the first compile ~280 s.
+        torch._inductor.config.coordinate_descent_tuning = True
+        report.applied.append("coordinate_descent_tuning")
     if preset.compile.enabled:
         # Bounded recompiles: a new shape recompiles (dynamically, once dynamo sees sizes change) until
         # the limit, then that block runs eagerly instead of compiling forever.
