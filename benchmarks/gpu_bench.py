@@ -503,6 +503,8 @@ def through_worker(preset_name: str, model_dir: Path, records: Path, env: dict[s
             state=status.state,
             done=status.done,
             worker_ready_s=round(ready_s, 1),
+            # process start -> the first image stored (the job was submitted as soon as the worker was ready)
+            first_image_after_start_s=round(min(r.finished_at for r in recs) - t0, 1),
             job_wall_s=round(wall, 2),
             s_per_image=round(wall / n, 3),
             s_per_image_submit_to_last_record=round((last - t) / n, 3),
@@ -547,6 +549,7 @@ def table(records: list[dict[str, Any]]) -> str:
         ("rel_err_transformer_vs_bf16", "rel err"),
         ("pipeline_s_per_image", "pipe s/img"),
         ("worker_ready_s", "worker ready s"),
+        ("first_image_after_start_s", "start->1st stored s"),
     ]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
@@ -581,7 +584,7 @@ def run(args: argparse.Namespace) -> None:
         t = time.time()
         try:
             if step.startswith("worker:"):
-                through_worker(step.split(":", 1)[1], model_dir, records, env, args.worker_images, 50)
+                through_worker(step.split(":", 1)[1], model_dir, records, env, args.worker_images, args.worker_steps)
             else:
                 what, _, mode = step.partition(":")
                 if what == "anchor":
@@ -646,6 +649,7 @@ def main() -> None:
     r.add_argument("--budget-s", type=float, default=560)
     r.add_argument("--reps", type=int, default=1)
     r.add_argument("--worker-images", type=int, default=6)
+    r.add_argument("--worker-steps", type=int, default=50)
     r.add_argument("--profile", default="")
     r.add_argument("--new-shapes", default="")
     r.add_argument("--short", default="", help="plan steps measured at 28 steps only (no 50-step image)")

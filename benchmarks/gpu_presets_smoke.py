@@ -23,6 +23,17 @@ from pathlib import Path
 GIB = 1024**3
 
 
+def device_map(pipe: object) -> dict[str, str] | str | None:
+    """``hf_device_map``: per component for "balanced", the bare device name for ``device_map="cuda"``."""
+    mapping = getattr(pipe, "hf_device_map", None)
+    return {k: str(v) for k, v in mapping.items()} if isinstance(mapping, dict) else mapping
+
+
+def progress(message: str) -> None:
+    """Stage marks on stderr: when a preset runs out of time, the report says how far it got."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def run_one(name: str, model: str, steps: int, gguf_dir: str | None, no_compile: bool) -> dict:
     import torch
 
@@ -40,8 +51,10 @@ def run_one(name: str, model: str, steps: int, gguf_dir: str | None, no_compile:
         preset = preset.model_copy(update={"single_file": str(Path(gguf_dir) / f"flux1-dev-{quant_type}.gguf")})
     if no_compile:
         preset = preset.model_copy(update={"compile": preset.compile.model_copy(update={"enabled": False})})
+    progress(f"{name}: loading")
     loaded = load_pipeline(preset, settings)
     after_load = loaded.memory.after_load_bytes
+    progress(f"{name}: loaded in {loaded.load_s:.1f}s ({loaded.stages}); first call")
 
     def call() -> float:
         torch.cuda.synchronize()
@@ -59,6 +72,7 @@ def run_one(name: str, model: str, steps: int, gguf_dir: str | None, no_compile:
         return time.perf_counter() - started
 
     warmup_s = call()  # first call: compilation, allocator warm-up
+    progress(f"{name}: first call {warmup_s:.1f}s; second call")
     record_generation_peak(loaded.memory, "cuda")
     seconds = call()
     peak = record_generation_peak(loaded.memory, "cuda")
@@ -73,7 +87,7 @@ def run_one(name: str, model: str, steps: int, gguf_dir: str | None, no_compile:
         "first_call_s": round(warmup_s, 1),
         "load_s": round(loaded.load_s, 1),
         # where each component went and what each GPU held (a balanced placement splits them)
-        "device_map": {k: str(v) for k, v in (getattr(loaded.pipe, "hf_device_map", None) or {}).items()},
+        "device_map": device_map(loaded.pipe),
         "per_gpu_after_gen_gib": [
             round(torch.cuda.memory_allocated(i) / GIB, 2) for i in range(torch.cuda.device_count())
         ],
@@ -111,8 +125,10 @@ def main() -> int:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             result = json.loads(lines[-1][7:]) if lines else {"preset": name, "ok": False, "error": proc.stderr[-500:]}
-        except subprocess.TimeoutExpired:
-            result = {"preset": name, "ok": False, "error": f"timeout after {args.timeout} s"}
+        except subprocess.TimeoutExpired as e:
+            err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            marks = [line for line in err.splitlines() if line.startswith("[")][-3:]
+            result = {"preset": name, "ok": False, "error": f"timeout after {args.timeout} s; got to: {marks}"}
         results.append(result)
         print(json.dumps(result), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

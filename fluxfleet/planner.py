@@ -7,12 +7,15 @@ tables (whose "GB" are GiB: ``max_memory_reserved() / 1024**3``)::
 
     plan = plan_placement(preset, [24 * GIB])
     plan.policy, plan.expected_peak_bytes, plan.reason
+
+A preset whose model is not FLUX.1-dev-sized says so (``[estimate] applies = false``): it gets no
+numbers (``no_estimate_reason``) and must force its placement policy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from fluxfleet.errors import ConfigurationError
 from fluxfleet.presets import Preset
@@ -31,6 +34,7 @@ PARAMS: dict[str, dict[str, int]] = {
 LARGEST_LINEAR = 56_623_104  # one 3072x18432 modulation linear: the unit of leaf-level group offload
 LARGEST_BLOCK = 339_831_296  # one double-stream block: the unit of block-level group offload
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+COMPONENTS = tuple(PARAMS)
 
 ACTIVATION_BYTES_1MP = int(4.6 * GIB)
 """Peak minus after-load at 1024x1024, batch 1, in bytes (seed: 4.0-5.2 GiB for every backend)."""
@@ -85,15 +89,31 @@ def linear_bytes_per_weight(preset: Preset) -> float:
     return _dtype_bytes(preset.dtype)
 
 
+def no_estimate_reason(preset: Preset) -> str | None:
+    """Why FLUX.1-dev's parameter counts say nothing about this preset's model; None when they apply."""
+    if preset.estimate.applies:
+        return None
+    return preset.estimate.reason or "the preset's model is not FLUX.1-dev-sized"
+
+
 def component_bytes(preset: Preset) -> dict[str, int]:
-    """Estimated bytes of each component after loading the preset."""
+    """Estimated bytes of each component after loading the preset.
+
+    Raises ``ConfigurationError`` for a preset without an estimate rather than return FLUX.1-dev numbers.
+    """
+    why = no_estimate_reason(preset)
+    if why is not None:
+        raise ConfigurationError(f"preset '{preset.name}' has no memory estimate: {why}")
     dtype_b = _dtype_bytes(preset.dtype)
     q = preset.quantization
     quantized = set(q.components) if q.backend != "none" else set()
     if q.backend == "gguf":
         quantized = {"transformer"}  # the file holds only the transformer
     per_weight = linear_bytes_per_weight(preset)
-    direct = q.backend == "quanto" and _quanto_direct(q.options)
+    # quanto's quantize/freeze does not know transformers' keep list; bitsandbytes' quantize_t5_wo packs it too
+    direct = (q.backend == "quanto" and _quanto_direct(q.options)) or (
+        q.backend == "bitsandbytes" and bool(q.options.get("quantize_t5_wo"))
+    )
     out: dict[str, int] = {}
     for name, groups in PARAMS.items():
         total = groups.get("other", 0) * dtype_b
@@ -102,8 +122,8 @@ def component_bytes(preset: Preset) -> dict[str, int]:
             # Layerwise casting skips the norm (modulation) linears; other backends quantize them.
             mod_b = dtype_b if q.backend == "layerwise" else per_weight
             total += groups.get("modulation", 0) * mod_b
-            # T5's wo: bitsandbytes keeps it in fp32, the others in the compute dtype, unless quantized
-            # directly (quanto's quantize/freeze does not know transformers' keep list).
+            # T5's wo: bitsandbytes keeps it in fp32 (seed calibration), the others in the compute dtype,
+            # unless quantized directly.
             kept_b = per_weight if direct else (4.0 if q.backend == "bitsandbytes" else dtype_b)
             total += groups.get("kept", 0) * kept_b
         else:
@@ -139,6 +159,8 @@ class Placement:
     expected_peak_bytes: int = 0
     fits: bool = True
     reason: str = ""
+    no_estimate_reason: str = ""
+    """Set when the preset has no estimate: ``estimate`` is then empty and the peak unknown (0)."""
 
 
 def incompatibility(preset: Preset, policy: str) -> str | None:
@@ -199,6 +221,36 @@ def _balanced(est: dict[str, int], act: int, caps: list[int]) -> tuple[bool, int
     return fits, max(load, default=0)
 
 
+def _check_forced(preset: Preset) -> Policy:
+    """The preset's own policy, refused when it cannot run the preset."""
+    policy = preset.placement.policy
+    problem = incompatibility(preset, policy)
+    if problem:
+        raise ConfigurationError(f"preset '{preset.name}': placement.policy '{policy}' refused: {problem}")
+    return cast(Policy, policy)
+
+
+def _forced_without_estimate(preset: Preset, gpus: int, why: str) -> Placement:
+    """The preset's forced placement, with no numbers: without an estimate nothing can be chosen or checked."""
+    spec = preset.placement
+    if spec.policy == "auto":
+        raise ConfigurationError(
+            f"preset '{preset.name}': placement.policy 'auto' needs a memory estimate, and it has none ({why}); "
+            "set placement.policy"
+        )
+    policy = _check_forced(preset)
+    return Placement(
+        policy,
+        gpus=gpus if policy == "balanced" else (0 if policy == "cpu" else 1),
+        text_encoder_off_gpu_after_encode=spec.text_encoder_off_gpu_after_encode,
+        group_offload_type=spec.group_offload_type,
+        group_offload_use_stream=spec.group_offload_use_stream,
+        group_offload_components=tuple(spec.group_offload_components) if policy == "group_offload" else (),
+        reason=f"forced by the preset; no memory estimate: {why}",
+        no_estimate_reason=why,
+    )
+
+
 def plan_placement(preset: Preset, gpu_free_bytes: list[int]) -> Placement:
     """Decide the placement of ``preset`` on GPUs with these free bytes (empty: no GPU).
 
@@ -206,6 +258,9 @@ def plan_placement(preset: Preset, gpu_free_bytes: list[int]) -> Placement:
     GPU after encoding; ``device_map="balanced"`` over several GPUs; model CPU offload; group offload.
     A preset's own policy is kept (and refused only when incompatible); it may not fit, which is reported.
     """
+    why = no_estimate_reason(preset)
+    if why is not None:
+        return _forced_without_estimate(preset, len(gpu_free_bytes), why)
     est = component_bytes(preset)
     act = activation_bytes(preset)
     caps = [max(0, free - SAFETY_BYTES) for free in gpu_free_bytes]
@@ -229,11 +284,9 @@ def plan_placement(preset: Preset, gpu_free_bytes: list[int]) -> Placement:
         )  # fmt: skip
 
     if spec.policy != "auto":
-        problem = incompatibility(preset, spec.policy)
-        if problem:
-            raise ConfigurationError(f"preset '{preset.name}': placement.policy '{spec.policy}' refused: {problem}")
-        offloaded = tuple(spec.group_offload_components) if spec.policy == "group_offload" else ()
-        return make(spec.policy, "forced by the preset", spec.text_encoder_off_gpu_after_encode, offloaded)
+        policy = _check_forced(preset)
+        offloaded = tuple(spec.group_offload_components) if policy == "group_offload" else ()
+        return make(policy, "forced by the preset", spec.text_encoder_off_gpu_after_encode, offloaded)
 
     if not caps:
         if incompatibility(preset, "cpu"):

@@ -75,8 +75,11 @@ class SpeedSpec(BaseModel):
     text_encoder_2_fp8: Literal["none", "dynamic_row", "weight_only"] = Field(
         "none", description="torchao float8 for T5's linear layers (weight-only halves its memory)"
     )
-    vae_tiling: bool = False
+    vae_tiling: bool = Field(False, description="decode the VAE in tiles (lower peak memory, slight seams)")
     compile_vae_decoder: bool = False
+    coordinate_descent_tuning: bool = Field(
+        False, description="let inductor tune its fused elementwise/reduction kernels (longer first compile)"
+    )
     compile_cache: bool = Field(False, description="load/save compiled artifacts in a shared cache directory")
     compile_cache_dir: str | None = Field(
         None, description="shared cache directory; FLUXFLEET_COMPILE_CACHE_DIR overrides; default ~/.cache/fluxfleet"
@@ -87,6 +90,15 @@ class SpeedSpec(BaseModel):
     @property
     def enabled(self) -> bool:
         return self != SpeedSpec()
+
+
+class EstimateSpec(BaseModel):
+    """Whether the planner's memory estimate applies: it counts FLUX.1-dev's parameters, whatever the model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    applies: bool = Field(True, description="false for a model that is not FLUX.1-dev-sized (a local toy model)")
+    reason: str = Field("", description="why there is no estimate; shown in its place")
 
 
 class Preset(BaseModel):
@@ -106,6 +118,7 @@ class Preset(BaseModel):
     compile: CompileSpec = CompileSpec()
     warmup: WarmupSpec = WarmupSpec()
     speed: SpeedSpec = SpeedSpec()
+    estimate: EstimateSpec = EstimateSpec()
     defaults: dict[str, Any] = Field(default_factory=dict, description="overrides of GenerationDefaults")
 
     def model_source(self, settings: Settings) -> str:

@@ -16,7 +16,15 @@ import typer
 from rich.table import Table
 
 from fluxfleet.errors import FluxfleetError
-from fluxfleet.planner import GIB, Placement, component_bytes, parse_bytes, plan_placement
+from fluxfleet.planner import (
+    COMPONENTS,
+    GIB,
+    Placement,
+    component_bytes,
+    no_estimate_reason,
+    parse_bytes,
+    plan_placement,
+)
 from fluxfleet.presets import Preset, load_preset, preset_names
 from fluxfleet.settings import Settings
 from producer.cli import _fail, app, console
@@ -26,18 +34,27 @@ def component_backends(preset: Preset) -> dict[str, str]:
     """Which backend holds each component ('none' where it stays in the preset's dtype)."""
     q = preset.quantization
     quantized = {"transformer"} if q.backend == "gguf" else set(q.components)
-    return {c: (q.backend if c in quantized and q.backend != "none" else "none") for c in component_bytes(preset)}
+    return {c: (q.backend if c in quantized and q.backend != "none" else "none") for c in COMPONENTS}
 
 
 def describe(preset: Preset) -> dict[str, Any]:
-    """One preset as ``fluxfleet presets --json`` prints it."""
-    est = component_bytes(preset)
+    """One preset as ``fluxfleet presets --json`` prints it; the estimates are null, with the reason,
+    for a preset whose model the planner's FLUX.1-dev figures do not describe."""
+    why = no_estimate_reason(preset)
+    est = None if why else component_bytes(preset)
     return {
         **preset.model_dump(),
         "backends": component_backends(preset),
         "estimated_bytes": est,
-        "estimated_total_bytes": sum(est.values()),
+        "estimated_total_bytes": None if est is None else sum(est.values()),
+        "no_estimate_reason": why,
     }
+
+
+def _estimate_label(preset: Preset) -> str:
+    if no_estimate_reason(preset):
+        return "n/a"
+    return f"{sum(component_bytes(preset).values()) / GIB:.1f}"
 
 
 def _compile_label(preset: Preset) -> str:
@@ -67,11 +84,14 @@ def presets(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
             ",".join(c for c, b in component_backends(p).items() if b != "none") or "-",
             p.placement.policy,
             _compile_label(p),
-            f"{sum(component_bytes(p).values()) / GIB:.1f}",
+            _estimate_label(p),
             str(p.max_items_per_task),
             p.description,
         )
     console.print(table)
+    for p in rows:
+        if why := no_estimate_reason(p):
+            console.print(f"{p.name}: no memory estimate: {why}")
 
 
 def _plan_dict(plan: Placement) -> dict[str, Any]:
@@ -86,10 +106,12 @@ def _plan_dict(plan: Placement) -> dict[str, Any]:
         }
         if plan.policy == "group_offload"
         else None,
-        "estimate_bytes": plan.estimate,
-        "expected_peak_bytes": plan.expected_peak_bytes,
+        # null rather than 0 where the preset has no estimate: the numbers are unknown, not zero.
+        "estimate_bytes": None if plan.no_estimate_reason else plan.estimate,
+        "expected_peak_bytes": None if plan.no_estimate_reason else plan.expected_peak_bytes,
         "fits": plan.fits,
         "reason": plan.reason,
+        "no_estimate_reason": plan.no_estimate_reason or None,
     }
 
 
@@ -115,6 +137,8 @@ def plan(
         extra = f" ({decision.group_offload_type}, streams {'on' if decision.group_offload_use_stream else 'off'}, "
         extra += f"{', '.join(decision.group_offload_components)})"
     console.print(f"preset {spec.name}: [bold]{decision.policy}[/bold]{extra} — {decision.reason}")
+    if decision.no_estimate_reason:
+        return  # the reason above already says there are no numbers
     table = Table("component", "backend", "estimated GiB")
     backends = component_backends(spec)
     for name, size in decision.estimate.items():

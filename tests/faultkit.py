@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from fluxfleet.keys import image_key, manifest_key, record_key
 from fluxfleet.settings import Settings
 from fluxfleet.storage import Storage, open_storage
 from producer.client import Client
-from producer.stack import LocalStack
+from producer.stack import LocalStack, RedisServer, WorkerProcess
 from tests.conftest import base_env, settings_for
 
 # Seconds, not minutes: a whole-worker kill is recovered after VISIBILITY + about one sweep.
@@ -46,6 +47,40 @@ def fault_stack(
 
 def client_for(stack: LocalStack, **overrides: str) -> Client:
     return Client(settings_for({**stack.env, **overrides}))
+
+
+@dataclass
+class Fleet:
+    """A running fault stack: its Redis, its tiny workers (all ready) and a client for it."""
+
+    stack: LocalStack
+    redis: RedisServer
+    workers: list[WorkerProcess]
+    client: Client
+
+    @property
+    def worker(self) -> WorkerProcess:
+        return self.workers[0]
+
+
+@contextmanager
+def running_fleet(
+    workdir: Path,
+    tiny_model_dir: Path,
+    storage_url: str | None = None,
+    *,
+    gpus: tuple[str, ...] = ("0",),
+    worker_env: dict[str, str] | None = None,
+    **extra_env: str,
+) -> Iterator[Fleet]:
+    """``fault_stack`` with Redis (AOF on) and one tiny worker per entry of ``gpus``, ready before the
+    test starts. The workers start together so their model loads overlap; ``worker_env`` is theirs only."""
+    with fault_stack(workdir, tiny_model_dir, storage_url, **extra_env) as stack:
+        redis = stack.start_redis()
+        workers = [stack.start_worker("tiny", gpu=gpu, extra_env=worker_env) for gpu in gpus]
+        for worker in workers:
+            worker.wait_ready(timeout=180)
+        yield Fleet(stack, redis, workers, client_for(stack))
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.2) -> Any:

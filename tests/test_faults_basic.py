@@ -19,6 +19,7 @@ from tests.faultkit import (
     fault_stack,
     prompts,
     queue_is_idle,
+    running_fleet,
     stored_images,
     wait_for,
 )
@@ -27,12 +28,8 @@ pytestmark = pytest.mark.faults
 
 
 def test_two_workers_resubmission_and_tasks_run_twice(tmp_path: Path, tiny_model_dir: Path) -> None:
-    with fault_stack(tmp_path, tiny_model_dir) as stack:
-        stack.start_redis()
-        workers = [stack.start_worker("tiny", gpu=str(i)) for i in range(2)]
-        for w in workers:
-            w.wait_ready(timeout=180)
-        client = client_for(stack)
+    with running_fleet(tmp_path, tiny_model_dir, gpus=("0", "1")) as fleet:
+        workers, client = fleet.workers, fleet.client
         storage = open_storage(client.settings.storage)
 
         # 1. Given 8 items in 2 tasks over 2 workers: 8 objects, 8 manifest lines, no item started twice.

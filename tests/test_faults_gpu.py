@@ -11,7 +11,7 @@ import pytest
 from fluxfleet.jobs import redis_client
 from fluxfleet.keys import image_key
 from fluxfleet.storage import open_storage
-from tests.faultkit import check_end_state, client_for, fault_stack, prompts, wait_for
+from tests.faultkit import check_end_state, client_for, fault_stack, prompts, running_fleet, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -19,11 +19,8 @@ FAULTS = "oom_over=2,oom_on=HUGE,step_delay=0.3,slow_on=SLOW"
 
 
 def test_out_of_memory_time_limit_and_cancel(tmp_path: Path, tiny_model_dir: Path) -> None:
-    with fault_stack(tmp_path, tiny_model_dir, FLUXFLEET_TEST_FAULTS=FAULTS) as stack:
-        stack.start_redis()
-        worker = stack.start_worker("tiny")
-        worker.wait_ready(timeout=180)
-        client = client_for(stack)
+    with running_fleet(tmp_path, tiny_model_dir, FLUXFLEET_TEST_FAULTS=FAULTS) as fleet:
+        worker, client = fleet.worker, fleet.client
         storage = open_storage(client.settings.storage)
 
         # 16. A batch of 4 runs out of memory (over 2 items): retried as 2 + 2, all stored, none twice

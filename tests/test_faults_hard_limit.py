@@ -9,17 +9,14 @@ import pytest
 
 from fluxfleet.keys import image_key
 from fluxfleet.storage import open_storage
-from tests.faultkit import check_end_state, client_for, fault_stack, prompts
+from tests.faultkit import check_end_state, prompts, running_fleet
 
 pytestmark = pytest.mark.faults
 
 
 def test_hard_time_limit_fails_the_items_and_the_worker_serves_on(tmp_path: Path, tiny_model_dir: Path) -> None:
-    with fault_stack(tmp_path, tiny_model_dir, FLUXFLEET_TEST_FAULTS="hang_on=STUCK") as stack:
-        stack.start_redis()
-        worker = stack.start_worker("tiny")
-        worker.wait_ready(timeout=180)
-        client = client_for(stack)
+    with running_fleet(tmp_path, tiny_model_dir, FLUXFLEET_TEST_FAULTS="hang_on=STUCK") as fleet:
+        worker, client = fleet.worker, fleet.client
 
         # Given a task whose generation never returns and ignores the soft limit,
         stuck = client.submit(["a STUCK clock", "a STUCK door"], preset="tiny", job_id="hard-limit")

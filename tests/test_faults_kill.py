@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from producer.stack import WorkerProcess
-from tests.faultkit import VISIBILITY_S, check_end_state, client_for, fault_stack, prompts, queue_is_idle, wait_for
+from tests.faultkit import VISIBILITY_S, check_end_state, prompts, queue_is_idle, running_fleet, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -20,11 +20,8 @@ def pool_child(worker: WorkerProcess) -> int:
 
 
 def test_kill_whole_worker_then_pool_child(tmp_path: Path, tiny_model_dir: Path) -> None:
-    with fault_stack(tmp_path, tiny_model_dir, FLUXFLEET_TEST_FAULTS="step_delay=0.25,slow_on=slow") as stack:
-        stack.start_redis()
-        victim = stack.start_worker("tiny", gpu="0")
-        victim.wait_ready(timeout=180)
-        client = client_for(stack)
+    with running_fleet(tmp_path, tiny_model_dir, FLUXFLEET_TEST_FAULTS="step_delay=0.25,slow_on=slow") as fleet:
+        stack, victim, client = fleet.stack, fleet.worker, fleet.client
 
         # 4. Given a task running on the only worker, when the whole worker is SIGKILLed mid-task,
         job = client.submit(prompts(4, "slow"), preset="tiny", job_id="killed-worker")
@@ -52,11 +49,8 @@ def test_kill_whole_worker_then_pool_child(tmp_path: Path, tiny_model_dir: Path)
 
 def test_poison_item_fails_alone_with_a_reason(tmp_path: Path, tiny_model_dir: Path) -> None:
     # 6. Given an item that kills the process every time (max_attempts 2),
-    with fault_stack(tmp_path, tiny_model_dir, FLUXFLEET_TEST_FAULTS="crash_on=POISON") as stack:
-        stack.start_redis()
-        worker = stack.start_worker("tiny")
-        worker.wait_ready(timeout=180)
-        client = client_for(stack)
+    with running_fleet(tmp_path, tiny_model_dir, FLUXFLEET_TEST_FAULTS="crash_on=POISON") as fleet:
+        worker, client = fleet.worker, fleet.client
         items = prompts(4)
         items[1] = "a POISON apple"
         job = client.submit(items, preset="tiny", job_id="poison")
@@ -72,11 +66,8 @@ def test_poison_item_fails_alone_with_a_reason(tmp_path: Path, tiny_model_dir: P
 
 
 def test_sigterm_mid_task_finishes_it_and_exits_zero(tmp_path: Path, tiny_model_dir: Path) -> None:
-    with fault_stack(tmp_path, tiny_model_dir, FLUXFLEET_TEST_FAULTS="step_delay=0.25") as stack:
-        stack.start_redis()
-        worker = stack.start_worker("tiny")
-        worker.wait_ready(timeout=180)
-        client = client_for(stack)
+    with running_fleet(tmp_path, tiny_model_dir, FLUXFLEET_TEST_FAULTS="step_delay=0.25") as fleet:
+        stack, worker, client = fleet.stack, fleet.worker, fleet.client
 
         # 7. Given two tasks queued, SIGTERM while the first runs:
         job = client.submit(prompts(8), preset="tiny", job_id="sigterm")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from producer.stack import RedisServer
-from tests.faultkit import VISIBILITY_S, check_end_state, client_for, fault_stack, prompts, wait_for
+from tests.faultkit import VISIBILITY_S, check_end_state, prompts, running_fleet, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -27,11 +27,9 @@ def restart(redis: RedisServer, *, lose_data: bool = False) -> None:
 
 
 def test_redis_kill_with_aof_then_without_persistence(tmp_path: Path, tiny_model_dir: Path) -> None:
-    with fault_stack(tmp_path, tiny_model_dir, FLUXFLEET_TEST_FAULTS="step_delay=0.3") as stack:
-        redis = stack.start_redis(appendonly=True)
-        worker = stack.start_worker("tiny")
-        worker.wait_ready(timeout=180)
-        client = client_for(stack)
+    # (running_fleet starts Redis with its append-only file, which test 11 relies on)
+    with running_fleet(tmp_path, tiny_model_dir, FLUXFLEET_TEST_FAULTS="step_delay=0.3") as fleet:
+        stack, redis, worker, client = fleet.stack, fleet.redis, fleet.worker, fleet.client
 
         # 11. Given a task in flight and one queued, Redis is SIGKILLed and restarted from its AOF:
         job = client.submit(prompts(8), preset="tiny", job_id="aof")

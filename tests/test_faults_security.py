@@ -14,7 +14,7 @@ from fluxfleet.errors import ValidationError
 from fluxfleet.keys import TASK_GENERATE, manifest_key
 from fluxfleet.settings import Settings
 from fluxfleet.storage import open_storage
-from tests.faultkit import client_for, fault_stack, prompts, wait_for
+from tests.faultkit import prompts, running_fleet, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -58,11 +58,9 @@ def test_worker_rejects_pickle_escaping_keys_and_oversized_payloads(
         "FLUXFLEET_STORAGE__SECRET_ACCESS_KEY": SECRET,
         "FLUXFLEET_LIMITS__MAX_PAYLOAD_BYTES": "20000",
     }
-    with fault_stack(tmp_path, tiny_model_dir, f"s3://{s3_bucket}/fleet", **s3) as stack:
-        stack.start_redis()
-        worker = stack.start_worker("tiny", extra_env={"FLUXFLEET_LOGLEVEL": "DEBUG"})
-        worker.wait_ready(timeout=180)
-        client = client_for(stack)
+    debug = {"FLUXFLEET_LOGLEVEL": "DEBUG"}
+    with running_fleet(tmp_path, tiny_model_dir, f"s3://{s3_bucket}/fleet", worker_env=debug, **s3) as fleet:
+        worker, client = fleet.worker, fleet.client
         app = make_celery(client.settings, ["tiny"])
         app.conf.accept_content = ["json", "pickle"]  # this sender is hostile
 

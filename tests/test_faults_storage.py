@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faultkit import StorageProxy, check_end_state, client_for, fault_stack, prompts, wait_for
+from tests.faultkit import StorageProxy, check_end_state, prompts, running_fleet, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -23,11 +23,8 @@ def test_storage_outage_throttling_and_slowness(
         "FLUXFLEET_STORAGE__MAX_ATTEMPTS": "2",
     }
     try:
-        with fault_stack(tmp_path, tiny_model_dir, f"s3://{s3_bucket}/fleet", **s3) as stack:
-            stack.start_redis()
-            worker = stack.start_worker("tiny")
-            worker.wait_ready(timeout=180)
-            client = client_for(stack)
+        with running_fleet(tmp_path, tiny_model_dir, f"s3://{s3_bucket}/fleet", **s3) as fleet:
+            worker, client = fleet.worker, fleet.client
 
             # 14. Given image writes answered 503 SlowDown, then unreachable, then slow:
             for mode, job_id in (("503", "throttled"), ("down", "outage"), ("slow", "slow-store")):
@@ -50,12 +47,8 @@ def test_storage_outage_throttling_and_slowness(
 def test_two_workers_write_the_same_key(tmp_path: Path, tiny_model_dir: Path) -> None:
     # 15. Two jobs with the same items run at once on two workers (both generate: neither finds the
     # image yet); the conditional write keeps one object, and both jobs end successfully.
-    with fault_stack(tmp_path, tiny_model_dir, FLUXFLEET_TEST_FAULTS="step_delay=0.3") as stack:
-        stack.start_redis()
-        workers = [stack.start_worker("tiny", gpu=str(i)) for i in range(2)]
-        for w in workers:
-            w.wait_ready(timeout=180)
-        client = client_for(stack)
+    with running_fleet(tmp_path, tiny_model_dir, gpus=("0", "1"), FLUXFLEET_TEST_FAULTS="step_delay=0.3") as fleet:
+        workers, client = fleet.workers, fleet.client
         a = client.submit(prompts(4), preset="tiny", seed=5, job_id="same-a")
         b = client.submit(prompts(4), preset="tiny", seed=5, job_id="same-b")
         assert a.wait(timeout=60).state == "done" and b.wait(timeout=60).state == "done"

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
+from typer.testing import CliRunner
 
 from fluxfleet.errors import ConfigurationError
-from fluxfleet.planner import GIB, component_bytes, parse_bytes, plan_placement
+from fluxfleet.planner import GIB, component_bytes, no_estimate_reason, parse_bytes, plan_placement
 from fluxfleet.presets import Preset, load_preset
 from fluxfleet.settings import DEFAULT_PRESETS_DIR
+from producer.cli import app
 
 
 def preset(name: str, **updates: dict) -> Preset:
@@ -106,6 +109,40 @@ def test_group_offload_peak_matches_the_seed() -> None:
 )
 def test_parse_bytes(text: str, expected: int) -> None:
     assert parse_bytes(text) == expected
+
+
+def test_a_toy_model_gets_no_flux_estimate() -> None:
+    # The tiny preset's model is a few megabytes: FLUX.1-dev's 60-odd GiB would mean nothing.
+    tiny = preset("tiny")
+    assert "toy model" in (no_estimate_reason(tiny) or "")
+    assert no_estimate_reason(preset("bf16")) is None
+    with pytest.raises(ConfigurationError, match="'tiny' has no memory estimate"):
+        component_bytes(tiny)
+    plan = plan_placement(tiny, [80 * GIB])
+    assert (plan.policy, plan.estimate, plan.expected_peak_bytes) == ("gpu", {}, 0)
+    assert plan.no_estimate_reason and "no memory estimate" in plan.reason
+
+
+def test_a_preset_without_estimate_must_force_its_placement() -> None:
+    with pytest.raises(ConfigurationError, match="'auto' needs a memory estimate"):
+        plan_placement(preset("tiny", placement={"policy": "auto"}), [80 * GIB])
+
+
+def test_cli_reports_null_estimates_with_the_reason() -> None:
+    rows = {row["name"]: row for row in json.loads(cli("presets", "--json"))}
+    assert rows["tiny"]["estimated_bytes"] is None and rows["tiny"]["estimated_total_bytes"] is None
+    assert "toy model" in rows["tiny"]["no_estimate_reason"]
+    assert rows["bf16"]["no_estimate_reason"] is None and rows["bf16"]["estimated_total_bytes"] > 30 * GIB
+    plan = json.loads(cli("plan", "--preset", "tiny", "--json"))
+    assert (plan["policy"], plan["estimate_bytes"], plan["expected_peak_bytes"]) == ("gpu", None, None)
+    assert "toy model" in plan["no_estimate_reason"]
+    assert "n/a" in cli("presets")
+
+
+def cli(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args), terminal_width=400)
+    assert result.exit_code == 0, result.output
+    return result.output
 
 
 def test_planner_and_cli_never_import_torch() -> None:

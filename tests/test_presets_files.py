@@ -53,7 +53,10 @@ def test_presets_json_describes_each_preset() -> None:
     for row in rows.values():
         assert set(row["backends"]) == {"transformer", "text_encoder", "text_encoder_2", "vae"}
         assert row["placement"]["policy"] and "enabled" in row["compile"]
-        assert row["estimated_total_bytes"] == sum(row["estimated_bytes"].values()) > 0
+        if row["no_estimate_reason"]:  # a toy model: no FLUX.1-dev figures (tests/test_planner.py)
+            assert row["estimated_bytes"] is None and row["estimated_total_bytes"] is None
+        else:
+            assert row["estimated_total_bytes"] == sum(row["estimated_bytes"].values()) > 0
     assert rows["bnb-nf4"]["backends"]["text_encoder_2"] == "bitsandbytes"
     assert rows["gguf-q8-0"]["backends"] == {
         "transformer": "gguf",

@@ -108,6 +108,9 @@ def test_batch_round_trip_through_s3(make_stack, s3_endpoint: str, s3_bucket: st
         assert record.location == f"s3://{s3_bucket}/fleet/{image_key(record.key)}"
         body = s3.get_object(Bucket=s3_bucket, Key=f"fleet/{image_key(record.key)}")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == record.sha256
+        # The worker recorded the digest at write time, so a later skip of this item needs no GET.
+        head = s3.head_object(Bucket=s3_bucket, Key=f"fleet/{image_key(record.key)}")
+        assert head["Metadata"]["sha256"] == record.sha256
     manifest = s3.get_object(Bucket=s3_bucket, Key=f"fleet/{manifest_key(job.id)}")["Body"].read().decode()
     assert len(manifest.splitlines()) == 3
     # The storage interface sees the same objects.

@@ -19,7 +19,6 @@ Faults, and what the engine does about them:
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import sys
 import threading
@@ -169,10 +168,15 @@ class Engine:
             except Exception as e:  # the item stays without an outcome and is failed below
                 logger.warning("upload failed while abandoning task %s: %s", payload.task_id, e)
         self.in_flight = []
-        unfinished = [i for i in payload.items if not self.jobs.is_finished(payload.job_id, i.key)]
+        unfinished = self._unfinished(payload.job_id, payload.items)
         self._fail_all(payload, unfinished, reason, label)
         self._finish(payload.job_id)
         return len(unfinished)
+
+    def _unfinished(self, job_id: str, items: list[Item]) -> list[Item]:
+        """The items without an outcome yet, asked of Redis in one round trip for the whole task."""
+        finished = self.jobs.are_finished(job_id, [i.key for i in items])
+        return [item for item, done in zip(items, finished, strict=True) if not done]
 
     # -- the task -----------------------------------------------------------------------------
     def run(self, payload: TaskPayload) -> TaskOutcome:
@@ -181,7 +185,7 @@ class Engine:
         received = time.time()
         queue_wait = max(0.0, received - payload.enqueued_at)
         self.observer.stage("queue_wait", queue_wait, len(payload.items))
-        pending = [i for i in payload.items if not self.jobs.is_finished(payload.job_id, i.key)]
+        pending = self._unfinished(payload.job_id, payload.items)
         outcome.already_done = len(payload.items) - len(pending)
         if not pending:
             self._finish(payload.job_id)
@@ -254,7 +258,7 @@ class Engine:
                 future.result()
             self.in_flight = []
 
-        leftover = [i for i in to_generate if not self.jobs.is_finished(payload.job_id, i.key)]
+        leftover = self._unfinished(payload.job_id, to_generate)
         if leftover and self.jobs.state(payload.job_id) in ("cancelled", "aborted"):
             self.jobs.record_cancelled(payload.job_id, (i.key for i in leftover))
             outcome.cancelled = len(leftover)
@@ -359,7 +363,8 @@ class Engine:
             )
 
     def _record_existing(self, payload: TaskPayload, item: Item, queue_wait: float) -> None:
-        sha256 = hashlib.sha256(self.storage.get(image_key(item.key))).hexdigest()
+        # The digest recorded at write time (S3: one HEAD), not a download of the whole image.
+        sha256 = self.storage.digest(image_key(item.key))
         self._record(payload, item, sha256, Timings(queue_wait_s=queue_wait), skipped=True)
 
     def _store(self, payload: TaskPayload, item: Item, image: Any, timings: Timings) -> None:
@@ -372,7 +377,7 @@ class Engine:
         if not self._retrying(key, lambda: self.storage.put_if_absent(key, data, "image/png")):
             # Another attempt stored this key first (a redelivery, or the same item in another job):
             # the record describes the stored object, which may differ in bytes on another GPU.
-            sha256 = hashlib.sha256(self.storage.get(key)).hexdigest()
+            sha256 = self.storage.digest(key)
             logger.info("%s was already stored by another attempt; keeping that object", key)
         timings.upload_s = time.perf_counter() - started
         self.observer.stage("upload", timings.upload_s)

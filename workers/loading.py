@@ -26,7 +26,7 @@ class LoadedPipeline:
     load_s: float
     warmup_s: float = 0.0
     memory: Any = None  # workers.backends.footprint.MemoryRecord: per component, after load, peaks
-    stages: dict[str, float] = field(default_factory=dict)  # seconds: from_pretrained, placement, speed
+    stages: dict[str, float] = field(default_factory=dict)  # seconds: imports, plan, from_pretrained, placement, speed
     speed: Any = None  # workers.speed.SpeedReport: levers applied, compile cache hit, warm-up
 
 
@@ -53,6 +53,7 @@ def check_model_source(source: str) -> None:
 
 
 def load_pipeline(preset: Preset, settings: Settings) -> LoadedPipeline:
+    entered = time.perf_counter()
     import torch
     from diffusers import FluxPipeline
 
@@ -67,7 +68,8 @@ def load_pipeline(preset: Preset, settings: Settings) -> LoadedPipeline:
     device = resolve_device(settings.worker.device)
     dtype = getattr(torch, preset.dtype)
     # Decide before loading: a balanced placement is a from_pretrained argument; refusals come first.
-    placement = plan_for_device(preset, device)
+    imported = time.perf_counter()
+    placement = plan_for_device(preset, device)  # in a worker, the first CUDA call: it initialises CUDA
     started = time.perf_counter()
     prequantized = saved_quantization(source)
     try:
@@ -86,7 +88,9 @@ def load_pipeline(preset: Preset, settings: Settings) -> LoadedPipeline:
         component = getattr(pipe, name, None)
         if component is not None:
             component.eval()
-    stages = {"from_pretrained": time.perf_counter() - started}
+    # imports and the CUDA initialisation come before `started` (not in load_s): a worker pays them once
+    stages = {"imports": imported - entered, "plan": started - imported}
+    stages["from_pretrained"] = time.perf_counter() - started
     post_load(pipe, preset, device, placement)
     stages["placement"] = time.perf_counter() - started - stages["from_pretrained"]
     speed = apply_speed(pipe, preset, device)  # the preset's [speed] levers; a no-op without them

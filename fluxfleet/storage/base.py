@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
@@ -27,6 +28,14 @@ class Storage(ABC):
     @abstractmethod
     def get(self, key: str) -> bytes:
         """The object's bytes; ``KeyError`` when there is none."""
+
+    def digest(self, key: str) -> str:
+        """The object's sha256 (hex); ``KeyError`` when there is none.
+
+        This fallback reads the whole object; backends that can answer cheaper (a digest recorded
+        at write time, a local file) override it.
+        """
+        return hashlib.sha256(self.get(key)).hexdigest()
 
     @abstractmethod
     def list(self, prefix: str) -> Iterator[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -75,6 +76,15 @@ class LocalStorage(Storage):
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def digest(self, key: str) -> str:
+        # Hashing the file is a local read, streamed in chunks: nothing to record at write time, and
+        # nothing that a file replaced by hand could leave stale.
+        try:
+            with self._path(key).open("rb") as f:
+                return hashlib.file_digest(f, "sha256").hexdigest()
         except FileNotFoundError:
             raise KeyError(key) from None
 

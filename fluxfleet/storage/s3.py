@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -9,6 +11,14 @@ from urllib.parse import urlsplit
 from fluxfleet.errors import StorageError
 from fluxfleet.settings import StorageSettings
 from fluxfleet.storage.base import Storage
+
+DIGEST_METADATA = "sha256"
+"""User metadata (``x-amz-meta-sha256``) holding the object's sha256, set on every write."""
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    return {DIGEST_METADATA: hashlib.sha256(data).hexdigest()}
 
 
 class S3Storage(Storage):
@@ -57,25 +67,44 @@ class S3Storage(Storage):
         except (BotoCoreError, ClientError) as e:
             raise StorageError(f"bucket '{self.bucket}' is not reachable: {e}") from e
 
-    def exists(self, key: str) -> bool:
+    def _head(self, key: str) -> dict[str, Any] | None:
+        """The object's HEAD response; None when there is no object."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
+            return dict(self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
+                return None
             raise self._error("HEAD", key, e) from e
         except BotoCoreError as e:
             raise self._error("HEAD", key, e) from e
+
+    def exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def digest(self, key: str) -> str:
+        """The sha256 recorded in the object's metadata (one HEAD, no download of the image)."""
+        head = self._head(key)
+        if head is None:
+            raise KeyError(key)
+        recorded = str(head.get("Metadata", {}).get(DIGEST_METADATA, ""))
+        if SHA256_HEX.fullmatch(recorded):
+            return recorded
+        # Written before writes recorded the digest (or by another tool): read the object once.
+        return super().digest(key)
 
     def put_if_absent(self, key: str, data: bytes, content_type: str) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type, IfNoneMatch="*"
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Body=data,
+                ContentType=content_type,
+                Metadata=_metadata(data),
+                IfNoneMatch="*",
             )
             return True
         except ClientError as e:
@@ -92,7 +121,9 @@ class S3Storage(Storage):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type, Metadata=_metadata(data)
+            )
         except (BotoCoreError, ClientError) as e:
             raise self._error("PUT", key, e) from e
 
