@@ -7,6 +7,7 @@ unquantized output; CUDA-only ones are skipped here and run by benchmarks/gpu_pr
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +307,41 @@ def test_torchao_footprint_counts_the_quantized_storage(tiny_model_for_backends:
     )
     # then the recorded footprint shrinks with the weights (int8 against float32: well under half).
     assert module_bytes(quantized.transformer) < 0.5 * module_bytes(plain.transformer)
+
+
+def test_dequantized_component_saves_and_loads_as_a_plain_one(tiny_model_for_backends: Path, tmp_path: Path) -> None:
+    """What `forget_quantization` leaves after diffusers' dequantize: a config without quantization."""
+    from diffusers import FluxTransformer2DModel
+
+    from workers.backends import saved_quantization
+    from workers.quantize import forget_quantization
+
+    # Given a transformer in the state diffusers' dequantize() leaves it (plain weights, quantizer kept),
+    model = FluxTransformer2DModel.from_pretrained(tiny_model_for_backends / "transformer")
+    model.register_to_config(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
+    model.hf_quantizer, model.is_quantized = object(), True
+    # when it is made plain and saved,
+    forget_quantization(model)
+    model.save_pretrained(tmp_path / "transformer")
+    # then the directory is not taken for a pre-quantized one and loads as plain weights.
+    assert "quantization_config" not in json.loads((tmp_path / "transformer" / "config.json").read_text())
+    assert saved_quantization(str(tmp_path)) == []
+    reloaded = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
+    assert getattr(reloaded, "hf_quantizer", None) is None
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@NEEDS_CUDA
+def test_bitsandbytes_dequantize_round_trip(tiny_model_for_backends: Path, tmp_path: Path) -> None:
+    from workers.loading import load_pipeline
+    from workers.quantize import save_dequantized
+
+    settings = Settings(model_dir=tiny_model_for_backends, worker=WorkerSettings(device="cuda"))
+    preset = make_preset("bitsandbytes", {"bits": 4}, dtype="bfloat16", placement={"policy": "gpu"})
+    save_dequantized(preset, settings, tmp_path / "plain")
+    plain = load_pipeline(
+        make_preset(dtype="bfloat16", placement={"policy": "gpu"}),
+        settings.with_overrides(model_dir=str(tmp_path / "plain")),
+    )
+    assert "Linear4bit" not in weight_type(plain.pipe)

@@ -4,7 +4,7 @@ Loads the preset's pipeline quantized (on the GPU when there is one: bitsandbyte
 there) and saves it with ``save_pretrained``; the components' configs carry the quantization
 config, so a preset whose ``model`` is DIR loads it without quantizing again (workers.loading
 detects it). ``--dequantize`` saves the preset's weights back in its dtype where diffusers supports
-it (bitsandbytes, torchao). ``--gguf Q8_0`` writes the transformer as a GGUF file instead: Q4_0,
+it (bitsandbytes). ``--gguf Q8_0`` writes the transformer as a GGUF file instead: Q4_0,
 Q4_1, Q5_0, Q5_1, Q8_0 quantized by the ``gguf`` package, Q2_K by workers.gguf_kquants (that package
 only reads K-quants); not the other K-quants.
 """
@@ -23,7 +23,7 @@ from fluxfleet.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-DEQUANTIZABLE = ("bitsandbytes", "torchao")
+DEQUANTIZABLE = ("bitsandbytes",)  # diffusers' torchao quantizer has no dequantize
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
 
 
@@ -61,9 +61,28 @@ def save_dequantized(preset: Preset, settings: Settings, out: Path) -> Path:
         module = getattr(pipe, name, None)
         if module is not None and getattr(module, "hf_quantizer", None) is not None:
             module.dequantize()
+            forget_quantization(module)
     pipe.save_pretrained(out)
     logger.info("saved %s dequantized to %s", preset.name, out)
     return out
+
+
+def forget_quantization(module: Any) -> None:
+    """Make a dequantized module save as a plain one.
+
+    diffusers' ``dequantize()`` (0.42) restores the weights but keeps the quantizer and the config's
+    ``quantization_config``, so ``save_pretrained`` wrote a config that declares bitsandbytes weights next
+    to plain ones, and loading the directory failed (seen on an H100). transformers' own ``dequantize()``
+    already clears both.
+    """
+    from diffusers.configuration_utils import FrozenDict
+
+    module.hf_quantizer = None
+    module.is_quantized = False
+    # register_to_config(quantization_config=None) cannot be saved (diffusers calls .to_dict() on it), so the
+    # key goes, the way register_to_config itself replaces the frozen config.
+    config = {k: v for k, v in module.config.items() if k != "quantization_config"}
+    module._internal_dict = FrozenDict(config)
 
 
 def _quantize(array: Any, qtype: Any) -> Any:

@@ -114,7 +114,7 @@ def saved_quantization(source: str) -> list[str]:
     found = []
     for config in sorted(root.glob("*/config.json")) if root.is_dir() else []:
         try:
-            if "quantization_config" in json.loads(config.read_text()):
+            if json.loads(config.read_text()).get("quantization_config"):  # null once dequantized
                 found.append(config.parent.name)
         except (OSError, ValueError):
             continue
