@@ -30,8 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def preload_libraries() -> None:
     """Import torch in the parent, leaving the CUDA driver untouched for the child.
 
-    Only torch: importing diffusers' Flux pipeline here left CUDA initialised (seen on an H100 with torchao
-    installed), which a forked child could not initialise again.
+    Only torch: importing diffusers' Flux pipeline here left CUDA initialised (seen on an H100): diffusers
+    imports bitsandbytes when it is installed, and bitsandbytes asks for the GPU's compute capability at
+    import. A forked child could not initialise CUDA again.
     """
     import torch
 
