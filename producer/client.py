@@ -198,9 +198,10 @@ class Client:
         status = self.jobs.status(job_id)
         if status is None:
             return self._resume_from_storage(job_id)
-        missing = [
-            t for t in self.jobs.task_payloads(job_id) if not all(self.jobs.is_finished(job_id, i.key) for i in t.items)
-        ]
+        tasks = self.jobs.task_payloads(job_id)
+        keys = [i.key for t in tasks for i in t.items]
+        finished = dict(zip(keys, self.jobs.are_finished(job_id, keys), strict=True))  # one round trip
+        missing = [t for t in tasks if not all(finished[i.key] for i in t.items)]
         if missing:
             self.jobs.set_state(job_id, "running")
             self.jobs.r.hdel(self.jobs._k(job_id), "completed", "finished_at")

@@ -28,7 +28,8 @@ def fail_after_hard_limit(settings: Settings, payload: Any, timeout: float) -> i
     task = TaskPayload.model_validate(payload)
     jobs = JobStore.from_settings(settings.broker)
     reason = f"the task ran past its hard time limit ({timeout:g} s; FLUXFLEET_WORKER__TASK_TIME_LIMIT_S)"
-    unfinished = [i for i in task.items if not jobs.is_finished(task.job_id, i.key)]
+    finished = jobs.are_finished(task.job_id, [i.key for i in task.items])
+    unfinished = [i for i, done in zip(task.items, finished, strict=True) if not done]
     for item in unfinished:
         jobs.record_failed(
             ItemFailure(job_id=task.job_id, index=item.index, key=item.key, reason=reason, finished_at=time.time())
