@@ -30,6 +30,19 @@ class LoadedPipeline:
     speed: Any = None  # workers.speed.SpeedReport: levers applied, compile cache hit, warm-up
 
 
+class StageClock:
+    """Seconds spent in each consecutive stage: ``mark(name)`` ends the stage that began at the last mark."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.stages[name] = now - self._last
+        self._last = now
+
+
 def resolve_device(setting: str) -> str:
     import torch
 
@@ -53,7 +66,7 @@ def check_model_source(source: str) -> None:
 
 
 def load_pipeline(preset: Preset, settings: Settings) -> LoadedPipeline:
-    entered = time.perf_counter()
+    clock = StageClock()
     import torch
     from diffusers import FluxPipeline
 
@@ -68,8 +81,10 @@ def load_pipeline(preset: Preset, settings: Settings) -> LoadedPipeline:
     device = resolve_device(settings.worker.device)
     dtype = getattr(torch, preset.dtype)
     # Decide before loading: a balanced placement is a from_pretrained argument; refusals come first.
-    imported = time.perf_counter()
+    clock.mark("imports")
     placement = plan_for_device(preset, device)  # in a worker, the first CUDA call: it initialises CUDA
+    clock.mark("plan")
+    # load_s counts from here: imports and the CUDA initialisation are paid once per process
     started = time.perf_counter()
     prequantized = saved_quantization(source)
     try:
@@ -88,13 +103,12 @@ def load_pipeline(preset: Preset, settings: Settings) -> LoadedPipeline:
         component = getattr(pipe, name, None)
         if component is not None:
             component.eval()
-    # imports and the CUDA initialisation come before `started` (not in load_s): a worker pays them once
-    stages = {"imports": imported - entered, "plan": started - imported}
-    stages["from_pretrained"] = time.perf_counter() - started
+    clock.mark("from_pretrained")
     post_load(pipe, preset, device, placement)
-    stages["placement"] = time.perf_counter() - started - stages["from_pretrained"]
+    clock.mark("placement")
     speed = apply_speed(pipe, preset, device)  # the preset's [speed] levers; a no-op without them
-    stages["speed"] = time.perf_counter() - started - stages["from_pretrained"] - stages["placement"]
+    clock.mark("speed")
+    stages = clock.stages
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - started
     logger.info(
