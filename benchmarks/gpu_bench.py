@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -93,52 +94,39 @@ def DEV() -> str:
 def build(directory: Path) -> None:
     """The FLUX.1-dev architecture with random bf16 weights, built on the GPU, saved in diffusers format."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-    from workers.tiny_model import _clip_tokenizer_files, _t5_tokenizer
+    from workers.tiny_model import FluxArchitecture, build_flux_pipeline
 
-    t = time.time()
-    tok = Path(tempfile.mkdtemp())
-    _clip_tokenizer_files(tok / "clip")
-    _t5_tokenizer(tok / "t5")
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        transformer = FluxTransformer2DModel(**TRANSFORMER_CFG)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                projection_dim=768,
-                hidden_act="quick_gelu",
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        )
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=32128,
-                d_model=4096,
-                d_kv=64,
-                d_ff=10240,
-                num_layers=24,
-                num_heads=64,
-                relative_attention_num_buckets=32,
-                feed_forward_proj="gated-gelu",
-                tie_word_embeddings=False,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        )
-        vae = AutoencoderKL(
+    flux_dev = FluxArchitecture(
+        transformer=TRANSFORMER_CFG,
+        clip=dict(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        t5=dict(
+            vocab_size=32128,
+            d_model=4096,
+            d_kv=64,
+            d_ff=10240,
+            num_layers=24,
+            num_heads=64,
+            relative_attention_num_buckets=32,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        ),
+        vae=dict(
             in_channels=3,
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * 4,
@@ -154,31 +142,12 @@ def build(directory: Path) -> None:
             use_quant_conv=False,
             use_post_quant_conv=False,
             force_upcast=True,
-        )
-    torch.set_default_dtype(prev)
-    counts = {}
-    for name, m in (("transformer", transformer), ("clip", text_encoder), ("t5", text_encoder_2), ("vae", vae)):
-        m.to(device="cuda", dtype=torch.bfloat16).eval()
-        with torch.no_grad():
-            for p in m.parameters():
-                p.normal_(0, 0.02)
-        counts[name] = sum(p.numel() for p in m.parameters()) / 1e9
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(tok / "clip"),
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=T5TokenizerFast.from_pretrained(tok / "t5"),
-        transformer=transformer,
+        ),
+        scheduler=dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
     )
-    built = time.time() - t
-    pipe.save_pretrained(directory)
-    shutil.rmtree(tok, ignore_errors=True)
-    log(
-        f"built random FLUX.1-dev pipeline ({', '.join(f'{k} {v:.2f}B' for k, v in counts.items())}) in {built:.0f}s,"
-        f" saved to {directory} in {time.time() - t - built:.0f}s"
-    )
+    started = time.time()
+    build_flux_pipeline(directory, flux_dev, device="cuda", dtype=torch.bfloat16, init_std=0.02)
+    log(f"built and saved the random FLUX.1-dev pipeline to {directory} in {time.time() - started:.0f}s")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -661,6 +630,7 @@ def main() -> None:
     r.add_argument("--tag", default="run")
     args = parser.parse_args()
     if args.cmd == "build":
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
         build(args.directory)
     elif args.cmd == "measure":
         measure(args)

@@ -171,22 +171,15 @@ def wide_model_for_gguf(tiny_model_for_backends: Path, tmp_path_factory: pytest.
 
     from diffusers import FluxTransformer2DModel
 
+    from workers.tiny_model import TINY
+
     wide = tmp_path_factory.mktemp("wide-gguf") / "model"
     shutil.copytree(tiny_model_for_backends, wide)
     shutil.rmtree(wide / "transformer")
     torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=128,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(16, 56, 56),
-        guidance_embeds=True,
-    )
+    # the tiny transformer with 128-wide heads: rows of 256, as K-quants need
+    wide_heads = {"attention_head_dim": 128, "axes_dims_rope": (16, 56, 56)}
+    transformer = FluxTransformer2DModel(**{**TINY.transformer, **wide_heads})
     transformer.eval().save_pretrained(wide / "transformer")
     return wide
 

@@ -12,7 +12,9 @@ import json
 import logging
 import shutil
 import string
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -143,19 +145,20 @@ def _t5_tokenizer(directory: Path) -> int:
     return len(vocab)
 
 
-def build_tiny_pipeline(directory: Path) -> Path:
-    """Build, eval and save the tiny pipeline under ``directory``; returns the directory."""
-    import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+@dataclass(frozen=True)
+class FluxArchitecture:
+    """Constructor arguments of the pipeline's models; the text encoders' vocabularies default to the
+    locally built tokenizers' sizes."""
 
-    directory = Path(directory)
-    tmp = directory / ".tokenizers"
-    _clip_tokenizer_files(tmp / "clip")
-    t5_vocab = _t5_tokenizer(tmp / "t5")
+    transformer: dict[str, Any]
+    clip: dict[str, Any]
+    t5: dict[str, Any]
+    vae: dict[str, Any]
+    scheduler: dict[str, Any] = field(default_factory=dict)
 
-    torch.manual_seed(TINY_SEED)
-    transformer = FluxTransformer2DModel(
+
+TINY = FluxArchitecture(
+    transformer=dict(
         patch_size=1,
         in_channels=16,
         num_layers=1,
@@ -166,36 +169,22 @@ def build_tiny_pipeline(directory: Path) -> Path:
         pooled_projection_dim=32,
         axes_dims_rope=(4, 4, 8),
         guidance_embeds=True,
-    )
-    clip_vocab = len(json.loads((tmp / "clip" / "vocab.json").read_text()))
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=clip_vocab,
-            projection_dim=32,
-            max_position_embeddings=77,
-        )
-    )
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=t5_vocab,
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
-    vae = AutoencoderKL(
+    ),
+    clip=dict(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=32,
+        max_position_embeddings=77,
+    ),
+    t5=dict(
+        d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0
+    ),
+    vae=dict(
         sample_size=32,
         in_channels=3,
         out_channels=3,
@@ -209,22 +198,71 @@ def build_tiny_pipeline(directory: Path) -> Path:
         use_post_quant_conv=False,
         shift_factor=0.0609,
         scaling_factor=1.5035,
-    )
-    for module in (transformer, text_encoder, text_encoder_2, vae):
+    ),
+)
+
+
+def build_flux_pipeline(
+    directory: Path,
+    architecture: FluxArchitecture,
+    *,
+    device: str = "cpu",
+    dtype: Any = None,
+    init_std: float | None = None,
+) -> Path:
+    """Build a random-weight FLUX pipeline of ``architecture``, eval it and save it in diffusers format.
+
+    ``device``/``dtype`` say where and in which dtype the weights are created (the full-size benchmark model
+    is made on the GPU in bfloat16); ``init_std`` redraws every weight from N(0, init_std) instead of the
+    classes' own initialisation (which leaves some layers at zero).
+    """
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    directory = Path(directory)
+    tmp = directory / ".tokenizers"
+    _clip_tokenizer_files(tmp / "clip")
+    t5_vocab = _t5_tokenizer(tmp / "t5")
+    clip_vocab = len(json.loads((tmp / "clip" / "vocab.json").read_text()))
+
+    torch.manual_seed(TINY_SEED)
+    previous_dtype = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(**architecture.transformer)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**{"vocab_size": clip_vocab, **architecture.clip}))
+            text_encoder_2 = T5EncoderModel(T5Config(**{"vocab_size": t5_vocab, **architecture.t5}))
+            vae = AutoencoderKL(**architecture.vae)
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    models = {"transformer": transformer, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "vae": vae}
+    for module in models.values():
+        if dtype is not None:
+            module.to(dtype=dtype)  # buffers a class creates in float32 regardless of the default dtype
+        if init_std is not None:
+            with torch.no_grad():
+                for parameter in module.parameters():
+                    parameter.normal_(0, init_std)
         module.eval()
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
+        scheduler=FlowMatchEulerDiscreteScheduler(**architecture.scheduler),
         tokenizer=CLIPTokenizer.from_pretrained(tmp / "clip"),
-        text_encoder_2=text_encoder_2,
         tokenizer_2=T5TokenizerFast.from_pretrained(tmp / "t5"),
-        transformer=transformer,
+        **models,
     )
     pipe.save_pretrained(directory)
     shutil.rmtree(tmp)
-    logger.info("saved the tiny FLUX pipeline to %s", directory)
+    sizes = ", ".join(f"{name} {sum(p.numel() for p in m.parameters()) / 1e9:.2f}B" for name, m in models.items())
+    logger.info("saved a random-weight FLUX pipeline (%s) to %s", sizes, directory)
     return directory
+
+
+def build_tiny_pipeline(directory: Path) -> Path:
+    """Build, eval and save the tiny pipeline under ``directory``; returns the directory."""
+    return build_flux_pipeline(directory, TINY)
 
 
 if __name__ == "__main__":
