@@ -105,6 +105,23 @@ class JobStore:
     def set_state(self, job_id: str, state: JobState) -> None:
         self.r.hset(self._k(job_id), "state", state)
 
+    def reopen(self, job_id: str) -> None:
+        """Back to 'running' with its completion undone, so the next finisher completes it again."""
+        pipe = self.r.pipeline()
+        pipe.hset(self._k(job_id), "state", "running")
+        pipe.hdel(self._k(job_id), "completed", "finished_at")
+        pipe.execute()
+
+    def restore(self, records: Iterable[ItemRecord], failures: Iterable[ItemFailure]) -> None:
+        """``record_done`` and ``record_failed`` of many stored outcomes in one round trip (a job rebuilt
+        from storage)."""
+        pipe = self.r.pipeline(transaction=False)
+        for record in records:
+            pipe.hsetnx(self._k(record.job_id, "done"), record.key, record.model_dump_json())
+        for failure in failures:
+            pipe.hsetnx(self._k(failure.job_id, "failed"), failure.key, failure.model_dump_json())
+        pipe.execute()
+
     def cancel(self, job_id: str) -> None:
         self.r.hset(self._k(job_id), mapping={"state": "cancelled", "finished_at": time.time()})
 
@@ -219,12 +236,23 @@ class JobStore:
         return sorted((ItemFailure.model_validate_json(v) for v in raw.values()), key=lambda f: f.index)
 
     def status(self, job_id: str) -> JobStatus | None:
+        return self.statuses([job_id])[0]
+
+    def statuses(self, job_ids: list[str]) -> list[JobStatus | None]:
+        """``status`` of each job, in one round trip."""
         pipe = self.r.pipeline()
-        pipe.hgetall(self._k(job_id))
-        pipe.hvals(self._k(job_id, "done"))
-        pipe.hlen(self._k(job_id, "failed"))
-        pipe.scard(self._k(job_id, "cancelled"))
-        meta, done_values, failed, cancelled = pipe.execute()
+        for job_id in job_ids:
+            pipe.hgetall(self._k(job_id))
+            pipe.hvals(self._k(job_id, "done"))
+            pipe.hlen(self._k(job_id, "failed"))
+            pipe.scard(self._k(job_id, "cancelled"))
+        replies = pipe.execute()
+        return [self._status(job_id, *replies[4 * n : 4 * n + 4]) for n, job_id in enumerate(job_ids)]
+
+    @staticmethod
+    def _status(
+        job_id: str, meta: dict[str, str], done_values: list[str], failed: int, cancelled: int
+    ) -> JobStatus | None:
         if not meta:
             return None
         skipped = sum(1 for v in done_values if '"skipped":true' in v)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 
+from fluxfleet.errors import ValidationError
 from fluxfleet.schema import GenerationParams
 
 TASK_GENERATE = "fluxfleet.generate"
@@ -13,17 +14,13 @@ TASK_GENERATE = "fluxfleet.generate"
 
 KEY_VERSION = "v1"
 
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 """Job ids name storage prefixes (``jobs/<id>/``): letters, digits, ``_ . -``; no ``/`` and no ``..``."""
-
-ITEM_KEY_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 
 
 def check_job_id(job_id: str) -> str:
     """``job_id`` unchanged, or ``ValidationError`` if it could escape its storage prefix."""
-    from fluxfleet.errors import ValidationError
-
-    if not JOB_ID_PATTERN.match(job_id) or ".." in job_id:
+    if not JOB_ID_PATTERN.fullmatch(job_id) or ".." in job_id:
         raise ValidationError(
             f"job id {job_id!r} is not allowed: use 1-128 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit, without '/' or '..'",

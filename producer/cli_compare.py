@@ -23,19 +23,15 @@ from producer.cli import app, console, err
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def load_luma(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"), dtype=np.float64)
-    return rgb @ np.array([0.299, 0.587, 0.114])
-
-
 def load_rgb(path: Path) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"), dtype=np.float64)
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    return rgb @ np.array([0.299, 0.587, 0.114])
 
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
@@ -97,13 +93,15 @@ def collect(source: Path) -> dict[str, Path]:
 
 
 def compare_sets(a: dict[str, Path], b: dict[str, Path]) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in sorted(set(a) & set(b)):
-        ya, yb = load_luma(a[name]), load_luma(b[name])
+        # Each image is decoded once: PSNR uses its RGB, SSIM the luma derived from it.
+        rgb_a, rgb_b = load_rgb(a[name]), load_rgb(b[name])
+        ya, yb = luma(rgb_a), luma(rgb_b)
         if ya.shape != yb.shape:
             rows.append({"name": name, "error": f"sizes differ: {ya.shape} vs {yb.shape}"})
             continue
-        rows.append({"name": name, "psnr_db": psnr(load_rgb(a[name]), load_rgb(b[name])), "ssim": ssim(ya, yb)})
+        rows.append({"name": name, "psnr_db": psnr(rgb_a, rgb_b), "ssim": ssim(ya, yb)})
     return rows
 
 
@@ -120,7 +118,7 @@ def compare(
     rows = compare_sets(set_a, set_b)
     ok = [r for r in rows if "error" not in r]
     finite = [r["psnr_db"] for r in ok if math.isfinite(r["psnr_db"])]
-    summary = {
+    summary: dict[str, Any] = {
         "pairs": len(ok),
         "only_in_a": len(set(set_a) - set(set_b)),
         "only_in_b": len(set(set_b) - set(set_a)),

@@ -100,10 +100,7 @@ def _records(settings: Settings, job_id: str) -> tuple[list[ItemRecord], float |
         created = status.created_at if status else None
         if not records:
             records = store.records(job_id)
-    except FluxfleetError:
-        if not records:
-            raise
-    except Exception:  # Redis down: the manifest alone is enough
+    except Exception:  # Redis down or the job unknown there: the manifest alone is enough
         if not records:
             raise
     return records, created

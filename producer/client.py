@@ -203,8 +203,7 @@ class Client:
         finished = dict(zip(keys, self.jobs.are_finished(job_id, keys), strict=True))  # one round trip
         missing = [t for t in tasks if not all(finished[i.key] for i in t.items)]
         if missing:
-            self.jobs.set_state(job_id, "running")
-            self.jobs.r.hdel(self.jobs._k(job_id), "completed", "finished_at")
+            self.jobs.reopen(job_id)
             self._publish(missing, status.preset)
         return len(missing), sum(len(t.items) for t in missing)
 
@@ -236,15 +235,11 @@ class Client:
         failed = {f.key for f in failures} - done
         tasks = split_tasks(items, job_id=job_id, preset=preset, model=spec["model"])
         self.jobs.create(job_id=job_id, preset=preset.name, model=spec["model"], tasks=tasks)
-        for record in records:
-            self.jobs.record_done(record)
-        for failure in failures:
-            if failure.key in failed:
-                self.jobs.record_failed(failure)
+        self.jobs.restore(records, (f for f in failures if f.key in failed))  # one round trip
         missing_items = [i for i in items if i.key not in done and i.key not in failed]
-        missing_keys = {i.key for i in missing_items}
         to_publish = split_tasks(missing_items, job_id=job_id, preset=preset, model=spec["model"])
-        logger.info("job %s rebuilt from storage: %d stored, %d to generate", job_id, len(done), len(missing_keys))
+        to_generate = len({i.key for i in missing_items})  # repeated requests share a key
+        logger.info("job %s rebuilt from storage: %d stored, %d to generate", job_id, len(done), to_generate)
         if to_publish:
             self._publish(to_publish, preset.name)
         self.jobs.set_state(job_id, "running")

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 
@@ -82,7 +83,7 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
-        tls: dict[str, str] = {}
+        tls: dict[str, Any] = {}
         if self.tls_dir:
             args[args.index("--port") + 1] = "0"
             args += ["--tls-port", str(self.port), "--tls-auth-clients", "no"]
@@ -131,10 +132,13 @@ class WorkerProcess:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "workers.main", "--preset", self.preset, "--gpu", self.gpu]
+
     def start(self) -> WorkerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "workers.main", "--preset", self.preset, "--gpu", self.gpu],
+            self.command(),
             env={**os.environ, **self.env},
             stdout=log,
             stderr=subprocess.STDOUT,

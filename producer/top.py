@@ -133,12 +133,11 @@ class Fleet:
 
     def recent_jobs(self) -> list[JobView]:
         ids = cast(list[str], self.store.r.zrevrange(f"{self.prefix}:jobs", 0, self.job_count - 1))
-        views = []
-        for job_id in ids:
-            s = self.store.status(job_id)
-            if s is not None:
-                views.append(JobView(job_id, s.preset, s.state, s.finished, s.total, s.failed))
-        return views
+        return [
+            JobView(s.job_id, s.preset, s.state, s.finished, s.total, s.failed)
+            for s in self.store.statuses(ids)  # one round trip for every job
+            if s is not None
+        ]
 
     def snapshot(self) -> Snapshot:
         now = time.monotonic()

@@ -172,27 +172,25 @@ class FleetWorker(WorkerProcess):
     """A worker started from a ``WorkerSpec``: ``--gpu`` only when pinned, ``--metrics-port`` when set."""
 
     def __init__(self, preset: str, spec: WorkerSpec, *, env: dict[str, str], log_path: Path, ready_file: Path):
+        env = {**env, "FLUXFLEET_WORKER__READY_FILE": str(ready_file)}
         super().__init__(preset, gpu=spec.gpu or "", env=env, log_path=log_path)
         self.spec = spec
         self.ready_file = ready_file
         self.reported = False
 
-    def start(self) -> FleetWorker:
+    def command(self) -> list[str]:
         args = [sys.executable, "-m", "workers.main", "--preset", self.preset]
         if self.spec.gpu is not None:
             args += ["--gpu", self.spec.gpu]
         if self.spec.metrics_port is not None:
             args += ["--metrics-port", str(self.spec.metrics_port)]
+        return args
+
+    def start(self) -> FleetWorker:
+        # Started in its own session (WorkerProcess.start): a terminal's Ctrl-C reaches `up` only,
+        # which then stops workers in order.
         self.ready_file.unlink(missing_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
-        self.process = subprocess.Popen(
-            args,
-            env={**os.environ, **self.env, "FLUXFLEET_WORKER__READY_FILE": str(self.ready_file)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # Its own session: a terminal's Ctrl-C reaches `up` only, which then stops workers in order.
-            start_new_session=True,
-        )
+        super().start()
         return self
 
     @property
