@@ -71,6 +71,15 @@ def s3_bucket(s3_endpoint: str) -> str:
     return name
 
 
+def s3_env(endpoint_url: str, secret: str = "testing") -> dict[str, str]:
+    """Storage settings for the S3 server at ``endpoint_url`` (moto takes any credentials)."""
+    return {
+        "FLUXFLEET_STORAGE__ENDPOINT_URL": endpoint_url,
+        "FLUXFLEET_STORAGE__ACCESS_KEY_ID": "testing",
+        "FLUXFLEET_STORAGE__SECRET_ACCESS_KEY": secret,
+    }
+
+
 def settings_for(env: dict[str, str]) -> Settings:
     """Settings as a process started with ``env`` would read them."""
     saved = dict(os.environ)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -93,13 +94,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, poll: floa
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def pool_child(worker: WorkerProcess) -> int:
+    """The pid of the worker's Celery pool child (the process that runs the pipeline)."""
+    assert worker.process is not None
+    return int(subprocess.check_output(["pgrep", "-P", str(worker.process.pid)]).split()[0])
+
+
 def prompts(n: int, word: str = "") -> list[str]:
     subjects = ["a red fox", "a lighthouse", "a bowl of pears", "a sailing ship", "a snowy owl", "a stone bridge"]
     return [f"{subjects[i % len(subjects)]} {word} number {i}".replace("  ", " ") for i in range(n)]
-
-
-def started_items(client: Client, job_id: str) -> dict[str, int]:
-    return client.jobs.item_starts(job_id)
 
 
 def queue_is_idle(settings: Settings, preset: str = "tiny") -> bool:
@@ -145,7 +148,7 @@ def check_end_state(
     # No partial files (local storage writes temporaries named '.<name>.*' and links them).
     leftovers = [k for k in storage.list("images/") if Path(k).name.startswith(".")]
     assert not leftovers, leftovers
-    starts = started_items(client, job_id)
+    starts = client.jobs.item_starts(job_id)
     if started_once:
         assert all(count == 1 for count in starts.values()), starts
     return {"status": status, "records": records, "failures": failures, "starts": starts, "manifest": manifest}

@@ -3,6 +3,7 @@ Redis down at submit time, and every task body run twice."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -97,7 +98,7 @@ def test_redis_down_at_submit_fails_fast_and_records_nothing(tmp_path: Path, tin
         # The command line says so and exits 1.
         cli = subprocess.run(
             [sys.executable, "-m", "producer.cli", "submit", str(_prompts_file(tmp_path)), "--preset", "tiny"],
-            env={**_env(stack.env), "FLUXFLEET_BROKER__CONNECT_TIMEOUT_S": "1"},
+            env={**os.environ, **stack.env, "FLUXFLEET_BROKER__CONNECT_TIMEOUT_S": "1"},
             capture_output=True,
             text=True,
             timeout=60,
@@ -114,9 +115,3 @@ def _prompts_file(tmp_path: Path) -> Path:
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(prompts(2)) + "\n")
     return path
-
-
-def _env(extra: dict[str, str]) -> dict[str, str]:
-    import os
-
-    return {**os.environ, **extra}

@@ -8,15 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from producer.stack import WorkerProcess
-from tests.faultkit import VISIBILITY_S, check_end_state, prompts, queue_is_idle, running_fleet, wait_for
+from tests.faultkit import (
+    VISIBILITY_S,
+    check_end_state,
+    pool_child,
+    prompts,
+    queue_is_idle,
+    running_fleet,
+    wait_for,
+)
 
 pytestmark = pytest.mark.faults
-
-
-def pool_child(worker: WorkerProcess) -> int:
-    assert worker.process is not None
-    return int(subprocess.check_output(["pgrep", "-P", str(worker.process.pid)]).split()[0])
 
 
 def test_kill_whole_worker_then_pool_child(tmp_path: Path, tiny_model_dir: Path) -> None:

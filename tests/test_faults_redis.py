@@ -26,6 +26,13 @@ def restart(redis: RedisServer, *, lose_data: bool = False) -> None:
     redis.start()  # same port, same directory
 
 
+def fluxfleet(env: dict[str, str], *args: str) -> str:
+    """What ``fluxfleet ARGS`` prints, run with exactly ``env``; it must exit 0."""
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args], env=env, capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+
+
 def test_redis_kill_with_aof_then_without_persistence(tmp_path: Path, tiny_model_dir: Path) -> None:
     # (running_fleet starts Redis with its append-only file, which test 11 relies on)
     with running_fleet(tmp_path, tiny_model_dir, FLUXFLEET_TEST_FAULTS="step_delay=0.3") as fleet:
@@ -47,28 +54,12 @@ def test_redis_kill_with_aof_then_without_persistence(tmp_path: Path, tiny_model
         time.sleep(3)  # whatever was running finishes into a Redis that no longer knows the job
         # `fluxfleet status` reports the job lost, with the items not in storage as missing;
         env = {**stack.env, "PATH": str(Path(sys.executable).parent)}
-        out = subprocess.run(
-            [sys.executable, "-m", "producer.cli", "status", "lost", "--json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        status = json.loads(out.stdout)
+        status = json.loads(fluxfleet(env, "status", "lost", "--json"))
         assert status["state"] == "lost" and status["total"] == 16
         assert status["done"] + status["missing"] == 16 and status["missing"] >= 4
         missing = status["missing"]
         # `fluxfleet submit --resume lost` re-enqueues exactly the missing items;
-        out = subprocess.run(
-            [sys.executable, "-m", "producer.cli", "submit", "--resume", "lost"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        assert f"re-enqueued {missing} missing item(s)" in out.stdout
+        assert f"re-enqueued {missing} missing item(s)" in fluxfleet(env, "submit", "--resume", "lost")
         # and the job completes with every item stored once.
         assert client.job("lost").wait(timeout=90).state == "done"
         check_end_state(client, "lost", done=16, started_once=False)

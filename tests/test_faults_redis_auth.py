@@ -13,13 +13,24 @@ import pytest
 
 from fluxfleet.errors import BrokerUnavailable
 from producer.client import Client
-from producer.stack import LocalStack, RedisServer
+from producer.stack import LocalStack, RedisServer, WorkerProcess
 from tests.conftest import base_env, settings_for
 from tests.faultkit import check_end_state
 
 pytestmark = pytest.mark.faults
 
 PASSWORD = "s3cret-redis-pass"
+
+
+def serve_a_job(stack: LocalStack, job_id: str) -> WorkerProcess:
+    """Start a worker with the stack's broker settings and run a two-image job through it to the end."""
+    worker = stack.start_worker("tiny")
+    worker.wait_ready(timeout=180)
+    client = Client(settings_for(stack.env))
+    job = client.submit(["a red cat", "a blue door"], preset="tiny", job_id=job_id)
+    assert job.wait(timeout=90).state == "done"
+    check_end_state(client, job.id, done=2)
+    return worker
 
 
 def test_password_protected_redis(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -46,12 +57,7 @@ def test_password_protected_redis(tmp_path: Path, tiny_model_dir: Path) -> None:
             )
 
         # With it, the whole path works.
-        worker = stack.start_worker("tiny")
-        worker.wait_ready(timeout=180)
-        client = Client(settings_for(stack.env))
-        job = client.submit(["a red cat", "a blue door"], preset="tiny", job_id="auth")
-        assert job.wait(timeout=90).state == "done"
-        check_end_state(client, job.id, done=2)
+        worker = serve_a_job(stack, "auth")
         assert PASSWORD not in worker.log()
 
 
@@ -116,9 +122,4 @@ def test_tls_redis(tmp_path: Path, tiny_model_dir: Path) -> None:
 
         # With it, the whole path runs over TLS: producer, Celery broker connection, job state.
         stack.env["FLUXFLEET_BROKER__TLS_CA_FILE"] = str(certificates / "ca.crt")
-        worker = stack.start_worker("tiny")
-        worker.wait_ready(timeout=180)
-        client = Client(settings_for(stack.env))
-        job = client.submit(["a red cat", "a blue door"], preset="tiny", job_id="tls")
-        assert job.wait(timeout=90).state == "done"
-        check_end_state(client, job.id, done=2)
+        serve_a_job(stack, "tls")

@@ -14,6 +14,7 @@ from fluxfleet.errors import ValidationError
 from fluxfleet.keys import TASK_GENERATE, manifest_key
 from fluxfleet.settings import Settings
 from fluxfleet.storage import open_storage
+from tests.conftest import s3_env
 from tests.faultkit import prompts, running_fleet, wait_for
 
 pytestmark = pytest.mark.faults
@@ -52,12 +53,7 @@ def test_job_ids_and_limits_are_checked_in_the_producer() -> None:
 def test_worker_rejects_pickle_escaping_keys_and_oversized_payloads(
     tmp_path: Path, tiny_model_dir: Path, s3_endpoint: str, s3_bucket: str
 ) -> None:
-    s3 = {
-        "FLUXFLEET_STORAGE__ENDPOINT_URL": s3_endpoint,
-        "FLUXFLEET_STORAGE__ACCESS_KEY_ID": "testing",
-        "FLUXFLEET_STORAGE__SECRET_ACCESS_KEY": SECRET,
-        "FLUXFLEET_LIMITS__MAX_PAYLOAD_BYTES": "20000",
-    }
+    s3 = {**s3_env(s3_endpoint, secret=SECRET), "FLUXFLEET_LIMITS__MAX_PAYLOAD_BYTES": "20000"}
     debug = {"FLUXFLEET_LOGLEVEL": "DEBUG"}
     with running_fleet(tmp_path, tiny_model_dir, f"s3://{s3_bucket}/fleet", worker_env=debug, **s3) as fleet:
         worker, client = fleet.worker, fleet.client

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import s3_env
 from tests.faultkit import StorageProxy, check_end_state, prompts, running_fleet, wait_for
 
 pytestmark = pytest.mark.faults
@@ -16,12 +17,7 @@ def test_storage_outage_throttling_and_slowness(
     tmp_path: Path, tiny_model_dir: Path, s3_endpoint: str, s3_bucket: str
 ) -> None:
     proxy = StorageProxy(s3_endpoint)
-    s3 = {
-        "FLUXFLEET_STORAGE__ENDPOINT_URL": proxy.url,
-        "FLUXFLEET_STORAGE__ACCESS_KEY_ID": "testing",
-        "FLUXFLEET_STORAGE__SECRET_ACCESS_KEY": "testing",
-        "FLUXFLEET_STORAGE__MAX_ATTEMPTS": "2",
-    }
+    s3 = {**s3_env(proxy.url), "FLUXFLEET_STORAGE__MAX_ATTEMPTS": "2"}
     try:
         with running_fleet(tmp_path, tiny_model_dir, f"s3://{s3_bucket}/fleet", **s3) as fleet:
             worker, client = fleet.worker, fleet.client

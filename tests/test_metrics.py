@@ -18,6 +18,8 @@ from fluxfleet.settings import Settings
 from producer.client import Client
 from producer.exporter import QueueCollector, QueueReader, default_queues
 from producer.stack import LocalStack, RedisServer, free_port
+from tests.conftest import settings_for
+from tests.faultkit import pool_child, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = re.compile(r"^fluxfleet_[a-z][a-z0-9_]*[a-z]$")
@@ -81,15 +83,6 @@ def value(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **m
     return sum(v for labels, v in samples.get(name, []) if all(labels.get(k) == w for k, w in match.items()))
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def run_job(settings: Settings, prompts: list[str]) -> None:
     job = Client(settings).submit(prompts, preset="tiny")
     assert job.wait(timeout=120).state == "done"
@@ -100,14 +93,10 @@ def test_worker_endpoint_survives_pool_child_replacement(make_stack: Callable[..
     # Given a worker serving metrics from its parent process
     port = free_port()
     stack = make_stack(FLUXFLEET_WORKER__METRICS_PORT=str(port))
-    redis = stack.start_redis()
+    stack.start_redis()
     worker = stack.start_worker("tiny")
     worker.wait_ready(timeout=180)
-    settings = Settings().with_overrides(
-        broker__url=redis.url,
-        storage__url=stack.env["FLUXFLEET_STORAGE__URL"],
-        model_dir=stack.env["FLUXFLEET_MODEL_DIR"],
-    )
+    settings = settings_for(stack.env)
     run_job(settings, ["a red fox", "a lighthouse", "a bowl of pears"])
 
     # Then every documented worker metric is exposed with its type and labels, and counts the job
@@ -126,9 +115,7 @@ def test_worker_endpoint_survives_pool_child_replacement(make_stack: Callable[..
     assert value(samples, "fluxfleet_gpu_memory_after_load_bytes") > 0
 
     # When the pool child is killed (as the OOM killer would) and Celery replaces it
-    assert worker.process is not None
-    child = int(subprocess.check_output(["pgrep", "-P", str(worker.process.pid)]).split()[0])
-    subprocess.run(["kill", f"-{signal.SIGKILL.value}", str(child)], check=True)
+    subprocess.run(["kill", f"-{signal.SIGKILL.value}", str(pool_child(worker))], check=True)
     wait_for(
         lambda: (
             value(scrape(port), "fluxfleet_worker_process_starts_total") == 2

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
-from fluxfleet.settings import Settings
 from producer.client import Client
 from producer.stack import LocalStack, free_port
+from tests.conftest import settings_for
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = REPO / "deploy/prometheus"
@@ -116,12 +116,10 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @pytest.fixture
-def observed(
-    make_stack: Callable[..., LocalStack], tmp_path: Path
-) -> Iterator[tuple[Prometheus, LocalStack, Settings]]:
+def observed(make_stack: Callable[..., LocalStack], tmp_path: Path) -> Iterator[tuple[Prometheus, LocalStack]]:
     worker_port, exporter_port, prometheus_port = free_port(), free_port(), free_port()
     stack = make_stack(FLUXFLEET_WORKER__METRICS_PORT=str(worker_port))
-    redis = stack.start_redis()
+    stack.start_redis()
     stack.start_worker("tiny")
     env = {**os.environ, **stack.env}
     processes = [
@@ -146,13 +144,8 @@ def observed(
             stderr=(tmp_path / "prometheus.log").open("wb"),
         )
     )
-    settings = Settings().with_overrides(
-        broker__url=redis.url,
-        storage__url=stack.env["FLUXFLEET_STORAGE__URL"],
-        model_dir=stack.env["FLUXFLEET_MODEL_DIR"],
-    )
     try:
-        yield Prometheus(prometheus_port), stack, settings
+        yield Prometheus(prometheus_port), stack
     finally:
         for process in processes:
             process.terminate()
@@ -160,14 +153,15 @@ def observed(
 
 
 def test_every_dashboard_and_rule_expression_against_real_prometheus(
-    observed: tuple[Prometheus, LocalStack, Settings],
+    observed: tuple[Prometheus, LocalStack],
 ) -> None:
-    prometheus, stack, settings = observed
+    prometheus, stack = observed
     stack.workers[0].wait_ready(timeout=180)
     wait_for(lambda: len(prometheus.query('up{job=~"fluxfleet-.*"} == 1')) == 2, 30, "both targets up")
 
     # Given a batch of 12 images through the tiny pipeline, scraped every second
-    job = Client(settings).submit([f"test image {i}: a lighthouse at dusk" for i in range(12)], preset="tiny")
+    client = Client(settings_for(stack.env))
+    job = client.submit([f"test image {i}: a lighthouse at dusk" for i in range(12)], preset="tiny")
     assert job.wait(timeout=180).state == "done"
     wait_for(
         lambda: prometheus.query('sum(fluxfleet_images_total{outcome="generated"})')[0]["value"][1] == "12",

@@ -12,7 +12,7 @@ from PIL import Image
 from fluxfleet.keys import image_key, manifest_key
 from fluxfleet.storage import open_storage
 from producer.client import Client
-from tests.conftest import SharedStack, settings_for
+from tests.conftest import SharedStack, s3_env, settings_for
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -87,12 +87,7 @@ def test_resubmission_writes_nothing_new(shared_stack: SharedStack) -> None:
 
 
 def test_batch_round_trip_through_s3(make_stack, s3_endpoint: str, s3_bucket: str) -> None:  # type: ignore[no-untyped-def]
-    stack = make_stack(
-        f"s3://{s3_bucket}/fleet",
-        FLUXFLEET_STORAGE__ENDPOINT_URL=s3_endpoint,
-        FLUXFLEET_STORAGE__ACCESS_KEY_ID="testing",
-        FLUXFLEET_STORAGE__SECRET_ACCESS_KEY="testing",
-    )
+    stack = make_stack(f"s3://{s3_bucket}/fleet", **s3_env(s3_endpoint))
     stack.start_redis()
     stack.start_worker("tiny").wait_ready(timeout=180)
     client = Client(settings_for(stack.env))

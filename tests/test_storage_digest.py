@@ -15,7 +15,7 @@ import pytest
 
 from fluxfleet.jobs import JobStore
 from fluxfleet.keys import image_key
-from fluxfleet.presets import effective_defaults, load_preset
+from fluxfleet.presets import Preset, effective_defaults, load_preset
 from fluxfleet.schema import Item
 from fluxfleet.settings import Settings
 from fluxfleet.storage import open_storage
@@ -24,7 +24,7 @@ from fluxfleet.storage.s3 import S3Storage
 from producer.batching import build_items, split_tasks
 from producer.inputs import PromptSpec
 from producer.stack import RedisServer
-from tests.conftest import settings_for
+from tests.conftest import s3_env, settings_for
 
 
 def sha(data: bytes) -> str:
@@ -32,15 +32,7 @@ def sha(data: bytes) -> str:
 
 
 def s3_settings(s3_endpoint: str, s3_bucket: str, **env: str) -> Settings:
-    return settings_for(
-        {
-            "FLUXFLEET_STORAGE__URL": f"s3://{s3_bucket}/fleet",
-            "FLUXFLEET_STORAGE__ENDPOINT_URL": s3_endpoint,
-            "FLUXFLEET_STORAGE__ACCESS_KEY_ID": "testing",
-            "FLUXFLEET_STORAGE__SECRET_ACCESS_KEY": "testing",
-            **env,
-        }
-    )
+    return settings_for({"FLUXFLEET_STORAGE__URL": f"s3://{s3_bucket}/fleet", **s3_env(s3_endpoint), **env})
 
 
 def count_gets(storage: S3Storage) -> list[str]:
@@ -94,7 +86,7 @@ def test_local_digest_hashes_the_file(tmp_path: Path) -> None:
         storage.digest("images/ef/missing.png")
 
 
-def tiny_items(settings: Settings, prompts: list[str]) -> tuple[str, list[Item]]:
+def tiny_items(settings: Settings, prompts: list[str]) -> tuple[Preset, list[Item]]:
     preset = load_preset("tiny", settings.presets_dir)
     items = build_items(
         [PromptSpec(p) for p in prompts],
@@ -104,7 +96,7 @@ def tiny_items(settings: Settings, prompts: list[str]) -> tuple[str, list[Item]]
         limits=settings.limits,
         job_seed=5,
     )
-    return preset.model, items
+    return preset, items
 
 
 def never_generate(items: list[Item], stop: Any) -> list[Any]:
@@ -120,8 +112,8 @@ def test_skipped_items_are_recorded_without_downloading_their_images(
     storage = open_storage(settings.storage)
     assert isinstance(storage, S3Storage)
     jobs = JobStore.from_settings(settings.broker)
-    preset = load_preset("tiny", settings.presets_dir)
-    model, items = tiny_items(settings, ["a red fox", "an old lighthouse"])
+    preset, items = tiny_items(settings, ["a red fox", "an old lighthouse"])
+    model = preset.model
     (task,) = split_tasks(items, job_id="skips", preset=preset, model=model)
     jobs.create(job_id="skips", preset="tiny", model=model, tasks=[task])
     # Given one image stored with its digest and one stored by an older version, without it,
