@@ -325,6 +325,25 @@ def test_dequantized_component_saves_and_loads_as_a_plain_one(tiny_model_for_bac
         assert torch.equal(a, b), name
 
 
+def test_dequantized_text_encoder_saves_without_quantization_config(tmp_path: Path) -> None:
+    """transformers' T5 keeps its config object's ``quantization_config`` after dequantize() (seen on an H100)."""
+    from transformers import T5Config, T5EncoderModel
+
+    from workers.quantize import forget_quantization
+
+    # Given a T5 encoder in the state transformers' dequantize() leaves it,
+    model = T5EncoderModel(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    model.hf_quantizer, model.is_quantized = object(), True
+    # when it is made plain and saved,
+    forget_quantization(model)
+    model.save_pretrained(tmp_path / "text_encoder_2")
+    # then its config declares no quantization and it loads back as plain weights.
+    assert "quantization_config" not in json.loads((tmp_path / "text_encoder_2" / "config.json").read_text())
+    reloaded = T5EncoderModel.from_pretrained(tmp_path / "text_encoder_2")
+    assert getattr(reloaded, "hf_quantizer", None) is None
+
+
 @NEEDS_CUDA
 def test_bitsandbytes_dequantize_round_trip(tiny_model_for_backends: Path, tmp_path: Path) -> None:
     from workers.loading import load_pipeline

@@ -72,17 +72,20 @@ def forget_quantization(module: Any) -> None:
 
     diffusers' ``dequantize()`` (0.42) restores the weights but keeps the quantizer and the config's
     ``quantization_config``, so ``save_pretrained`` wrote a config that declares bitsandbytes weights next
-    to plain ones, and loading the directory failed (seen on an H100). transformers' own ``dequantize()``
-    already clears both.
+    to plain ones, and loading the directory failed (seen on an H100). transformers' ``dequantize()``
+    (5.17, T5) leaves the same two behind, in a config object rather than a frozen dict.
     """
     from diffusers.configuration_utils import FrozenDict
 
     module.hf_quantizer = None
     module.is_quantized = False
-    # register_to_config(quantization_config=None) cannot be saved (diffusers calls .to_dict() on it), so the
-    # key goes, the way register_to_config itself replaces the frozen config.
-    config = {k: v for k, v in module.config.items() if k != "quantization_config"}
-    module._internal_dict = FrozenDict(config)
+    if isinstance(module.config, FrozenDict):
+        # register_to_config(quantization_config=None) cannot be saved (diffusers calls .to_dict() on it), so
+        # the key goes, the way register_to_config itself replaces the frozen config.
+        config = {k: v for k, v in module.config.items() if k != "quantization_config"}
+        module._internal_dict = FrozenDict(config)
+    elif hasattr(module.config, "quantization_config"):
+        del module.config.quantization_config
 
 
 def _quantize(array: Any, qtype: Any) -> Any:
