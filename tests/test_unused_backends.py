@@ -1,0 +1,74 @@
+"""A worker keeps the quantization packages its preset does not use out of its process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fluxfleet.presets import load_preset
+from fluxfleet.settings import Settings
+from workers.unused_backends import packages_needed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    ("preset", "needed"),
+    [
+        ("bf16", set()),
+        ("fp8-layerwise", set()),
+        ("bnb-nf4", {"bitsandbytes"}),
+        ("lean", {"bitsandbytes"}),
+        ("torchao-int8wo", {"torchao"}),
+        ("fast", {"torchao"}),  # no quantization backend, but its [speed] fp8 levers call torchao
+        ("quanto-int8", set()),
+    ],
+)
+def test_packages_needed_follow_the_preset(preset: str, needed: set[str]) -> None:
+    assert packages_needed(load_preset(preset, Settings().presets_dir)) == needed
+
+
+CHILD = """
+import json, sys
+from fluxfleet.presets import effective_defaults, load_preset
+from fluxfleet.settings import Settings
+from workers.unused_backends import keep_unused_backends_out
+
+settings = Settings()
+preset = load_preset("tiny", settings.presets_dir)
+hidden = keep_unused_backends_out(preset)
+from workers.loading import load_pipeline
+loaded = load_pipeline(preset, settings)
+image = loaded.pipe(prompt="a cat", num_inference_steps=1, width=64, height=64, output_type="np").images[0]
+loaded_modules = {name: sys.modules.get(name) is not None for name in ("bitsandbytes", "torchao")}
+print(json.dumps({"hidden": hidden, "loaded": loaded_modules, "shape": list(image.shape)}))
+"""
+
+
+def test_a_plain_preset_loads_and_generates_without_bitsandbytes_or_torchao(tiny_model_dir: Path) -> None:
+    # Given a fresh process (as the worker's pool child) serving the tiny preset, which quantizes nothing,
+    env = dict(os.environ, FLUXFLEET_MODEL_DIR=str(tiny_model_dir), FLUXFLEET_WORKER__DEVICE="cpu")
+    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # when it hides the packages it does not need, then diffusers still loads the pipeline and it generates,
+    assert result["hidden"] == ["bitsandbytes", "torchao"]
+    assert result["shape"] == [64, 64, 3]
+    # and neither package was imported along the way.
+    assert result["loaded"] == {"bitsandbytes": False, "torchao": False}
+
+
+def test_nothing_is_hidden_once_diffusers_is_imported() -> None:
+    code = (
+        "import diffusers\nfrom fluxfleet.presets import load_preset\nfrom fluxfleet.settings import Settings\n"
+        "from workers.unused_backends import keep_unused_backends_out\n"
+        "print(keep_unused_backends_out(load_preset('tiny', Settings().presets_dir)))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
