@@ -61,6 +61,7 @@ SEQ = int(os.environ.get("BENCH_SEQ", "512"))
 VARIANTS: dict[str, dict[str, Any]] = {
     "cudagraphs": {"compile": {"mode": "reduce-overhead"}},
     "cdtune": {"speed": {"coordinate_descent_tuning": True}},
+    "multikernel": {"speed": {"multi_kernel": True}},
     "autotune": {"compile": {"mode": "max-autotune-no-cudagraphs"}},
     "no_vae_tiling": {"speed": {"vae_tiling": False}},
 }
@@ -312,6 +313,9 @@ def measure(args: argparse.Namespace) -> None:
     sync()
     rec["cold_start_s"] = round(time.time() - t0, 1)
     rec["import_s"] = round(import_s, 1)
+    # Where compile time went (dynamo tracing vs. inductor/AOT, cache hits included), summed per phase.
+    phases = torch._dynamo.utils.compilation_time_metrics
+    rec["compile_phases_s"] = {k: round(sum(v), 2) for k, v in phases.items() if sum(v) >= 0.05}
     log(f"[{args.label}] first image {time.time() - t0:.1f}s after process start (load {rec['load_s']}s)")
 
     out = []

@@ -80,6 +80,11 @@ class SpeedSpec(BaseModel):
     coordinate_descent_tuning: bool = Field(
         False, description="let inductor tune its fused elementwise/reduction kernels (longer first compile)"
     )
+    multi_kernel: bool = Field(
+        False,
+        description="inductor multi-kernel: also build single-pass (persistent) row reductions up to 16K wide and"
+        " keep the faster variant by timing (the fp8 quantization of the 12288/15360-wide MLP inputs)",
+    )
     compile_cache: bool = Field(False, description="load/save compiled artifacts in a shared cache directory")
     compile_cache_dir: str | None = Field(
         None, description="shared cache directory; FLUXFLEET_COMPILE_CACHE_DIR overrides; default ~/.cache/fluxfleet"
