@@ -6,6 +6,8 @@ so progress and outcomes live here, under ``<prefix>:job:<id>``:
 - ``…``            hash: preset, model, total, state, created_at, finished_at
 - ``…:tasks``      hash: task id -> task payload (to re-enqueue what went missing)
 - ``…:done``       hash: item key -> manifest line (ItemRecord JSON)
+- ``…:skipped``    set of the ``…:done`` keys whose stored record is a skipped one (counted without
+  reading the manifest lines); written in the same script as ``…:done``
 - ``…:failed``     hash: item key -> ItemFailure JSON
 - ``…:cancelled``  set of item keys not generated because the job was cancelled
 - ``…:starts`` / ``…:ends``  hashes: item key -> generations started / ended with the process alive;
@@ -30,6 +32,16 @@ from fluxfleet.settings import BrokerSettings
 
 ATTEMPTS_TTL_S = 7 * 24 * 3600
 
+
+# HSETNX the manifest line and, only if it won (the first record of the item), mark it skipped: one
+# script, so a crash cannot leave the skipped count out of step with the done hash, and a redelivered
+# duplicate (which loses the HSETNX) never changes it.
+# KEYS: done hash, skipped set. ARGV: item key, record JSON, "1" if the record is skipped else "".
+RECORD_DONE_LUA = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+if ARGV[3] == '1' then redis.call('SADD', KEYS[2], ARGV[1]) end
+return 1
+"""
 
 PATIENT_RETRIES = 12
 """Reconnection attempts of a worker's Redis client (exponential backoff capped at 5 s: about 45 s)."""
@@ -62,6 +74,7 @@ class JobStore:
     def __init__(self, client: redis.Redis, prefix: str = "fluxfleet") -> None:
         self.r = client
         self.prefix = prefix
+        self._record_done = client.register_script(RECORD_DONE_LUA)
 
     @classmethod
     def from_settings(cls, broker: BrokerSettings, *, patient: bool = False) -> JobStore:
@@ -117,7 +130,9 @@ class JobStore:
         from storage)."""
         pipe = self.r.pipeline(transaction=False)
         for record in records:
-            pipe.hsetnx(self._k(record.job_id, "done"), record.key, record.model_dump_json())
+            # EVAL, not the registered script: a pipeline of those first checks SCRIPT EXISTS, a
+            # second round trip. The body is small next to the manifest line sent with it.
+            pipe.eval(RECORD_DONE_LUA, 2, *self._record_done_args(record))
         for failure in failures:
             pipe.hsetnx(self._k(failure.job_id, "failed"), failure.key, failure.model_dump_json())
         pipe.execute()
@@ -194,9 +209,15 @@ class JobStore:
         flags = pipe.execute()
         return [any(flags[i : i + 3]) for i in range(0, len(flags), 3)]
 
+    def _record_done_args(self, record: ItemRecord) -> list[str]:
+        """KEYS then ARGV of ``RECORD_DONE_LUA`` for one record."""
+        done, skipped = self._k(record.job_id, "done"), self._k(record.job_id, "skipped")
+        return [done, skipped, record.key, record.model_dump_json(), "1" if record.skipped else ""]
+
     def record_done(self, record: ItemRecord) -> bool:
         """Store a manifest line once; False if this item was already recorded."""
-        return bool(self.r.hsetnx(self._k(record.job_id, "done"), record.key, record.model_dump_json()))
+        args = self._record_done_args(record)
+        return bool(self._record_done(keys=args[:2], args=args[2:]))
 
     def record_failed(self, failure: ItemFailure) -> None:
         self.r.hsetnx(self._k(failure.job_id, "failed"), failure.key, failure.model_dump_json())
@@ -243,27 +264,28 @@ class JobStore:
         pipe = self.r.pipeline()
         for job_id in job_ids:
             pipe.hgetall(self._k(job_id))
-            pipe.hvals(self._k(job_id, "done"))
+            # Counts only: the done hash holds whole manifest lines (megabytes for a large job).
+            pipe.hlen(self._k(job_id, "done"))
+            pipe.scard(self._k(job_id, "skipped"))
             pipe.hlen(self._k(job_id, "failed"))
             pipe.scard(self._k(job_id, "cancelled"))
         replies = pipe.execute()
-        return [self._status(job_id, *replies[4 * n : 4 * n + 4]) for n, job_id in enumerate(job_ids)]
+        return [self._status(job_id, *replies[5 * n : 5 * n + 5]) for n, job_id in enumerate(job_ids)]
 
     @staticmethod
     def _status(
-        job_id: str, meta: dict[str, str], done_values: list[str], failed: int, cancelled: int
+        job_id: str, meta: dict[str, str], done: int, skipped: int, failed: int, cancelled: int
     ) -> JobStatus | None:
         if not meta:
             return None
-        skipped = sum(1 for v in done_values if '"skipped":true' in v)
         finished_at = meta.get("finished_at")
         return JobStatus(
             job_id=job_id,
             preset=meta["preset"],
             state=meta["state"],
             total=int(meta["total"]),
-            done=len(done_values),
-            skipped=skipped,
+            done=int(done),
+            skipped=int(skipped),
             failed=int(failed),
             cancelled=int(cancelled),
             created_at=float(meta["created_at"]),

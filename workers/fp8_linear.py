@@ -1,0 +1,82 @@
+"""fp8 row-wise dynamic linear layers on ``torch._scaled_mm``, with plain tensors.
+
+The same arithmetic as torchao's ``Float8DynamicActivationFloat8WeightConfig(PerRow())``: weights in
+float8 e4m3 with one scale per output row, each input row scaled by its own absolute maximum at run time,
+one fp8 GEMM with the bias fused. What differs is the representation: the weight and its scale are plain
+buffers, not a tensor subclass. A compiled block then traces as ordinary aten ops, so a worker that finds
+the shared compile cache does not trace through a subclass again before it can serve (the warm start).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+# A row of zeros would otherwise divide by a zero scale.
+MIN_SCALE = 1e-12
+
+
+def rowwise_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 rows of a 2-D tensor and their float32 scales (shape [rows, 1]): x ~ fp8 * scale."""
+    scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class Fp8RowwiseLinear(nn.Module):
+    """A drop-in replacement of an ``nn.Linear`` whose GEMM runs in fp8 (H100/H200, or the CPU for tests)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        weight, scale = rowwise_quantize(linear.weight.detach())
+        self.register_buffer("weight", weight)  # (out, in), row-major: its transpose is what _scaled_mm wants
+        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.out_dtype = linear.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        x_fp8, x_scale = rowwise_quantize(rows)
+        out = torch._scaled_mm(
+            x_fp8,
+            self.weight.t(),
+            scale_a=x_scale,
+            scale_b=self.weight_scale,
+            bias=self.bias,
+            out_dtype=self.out_dtype,
+            use_fast_accum=True,
+        )
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 row-wise"
+
+
+def fp8_friendly(module: Any) -> bool:
+    """Linear layers whose shapes the fp8 GEMM accepts (both dimensions multiples of 16)."""
+    return (
+        isinstance(module, nn.Linear)
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+        and module.weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    )
+
+
+def swap_to_fp8(model: nn.Module, accept: Callable[[Any], bool] = fp8_friendly) -> int:
+    """Replace every accepted ``nn.Linear`` under ``model`` in place; returns how many were replaced.
+
+    Each bf16 weight is dropped as soon as its fp8 copy exists, so memory never holds both models.
+    """
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if accept(child):
+                setattr(parent, name, Fp8RowwiseLinear(child))
+                swapped += 1
+    return swapped
