@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from fluxfleet.errors import ConfigurationError, UnknownPresetError
@@ -69,8 +69,11 @@ class SpeedSpec(BaseModel):
         None, description="diffusers attention backend for the transformer, e.g. '_native_cudnn' (cuDNN SDPA)"
     )
     fuse_qkv: bool = Field(False, description="fuse the Q/K/V (and added Q/K/V) projections into one GEMM each")
-    transformer_fp8: Literal["none", "dynamic_row", "weight_only"] = Field(
-        "none", description="torchao float8 for the transformer's linear layers: row-wise dynamic or weight-only"
+    transformer_fp8: Literal["none", "dynamic_row", "weight_only", "dynamic_row_plain"] = Field(
+        "none",
+        description="float8 for the transformer's linear layers: torchao row-wise dynamic or weight-only, or"
+        " 'dynamic_row_plain', the same row-wise dynamic arithmetic on torch._scaled_mm with plain tensors"
+        " (no torchao tensor subclass to trace again when a worker starts from the compile cache)",
     )
     text_encoder_2_fp8: Literal["none", "dynamic_row", "weight_only"] = Field(
         "none", description="torchao float8 for T5's linear layers (weight-only halves its memory)"
@@ -91,6 +94,16 @@ class SpeedSpec(BaseModel):
     )
     recompile_limit: int = Field(8, ge=1, description="recompiles allowed per compiled block before eager fallback")
     warm_up: bool = Field(True, description="compile at the warm-up shapes inside the speed step (before saving)")
+
+    @model_validator(mode="after")
+    def _cacheable(self) -> SpeedSpec:
+        if self.multi_kernel and self.compile_cache:
+            # torch 2.11 / triton 3.6: a multi-kernel graph read back from inductor's cache fails in
+            # MultiKernelCall (triton's JITFunction has no hash lock after loading); seen on an H100.
+            raise ValueError(
+                "multi_kernel cannot be combined with compile_cache: cached multi-kernel graphs fail to load"
+            )
+        return self
 
     @property
     def enabled(self) -> bool:

@@ -75,3 +75,12 @@ def test_plan_command_prints_decision_and_estimates() -> None:
     assert plan["expected_peak_bytes"] > plan["estimate_bytes"]["transformer"]
     refused = CliRunner().invoke(app, ["plan", "--preset", "bnb-nf4", "--gpus", "0"])
     assert refused.exit_code == 1 and "CUDA" in refused.output
+
+
+def test_multi_kernel_with_a_compile_cache_is_refused_naming_the_file(tmp_path: Path) -> None:
+    # Given a preset asking for inductor multi-kernel and the shared compile cache together,
+    (tmp_path / "mk.toml").write_text('model = "m"\n[speed]\nmulti_kernel = true\ncompile_cache = true\n')
+    # then loading it fails before any worker starts, naming the file, the section and why.
+    refused = r"mk\.toml.*speed.*multi_kernel cannot be combined with compile_cache"
+    with pytest.raises(ConfigurationError, match=refused):
+        load_preset("mk", tmp_path)

@@ -27,6 +27,22 @@ def rowwise_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+def emulated_scaled_mm(
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The fp8 GEMM's arithmetic in float32 (products of two e4m3 values are exact there), for devices
+    whose ``_scaled_mm`` lacks row-wise scales (the CPU in torch 2.11) and as the tests' reference."""
+    out = (x_fp8.float() @ weight.float().t()) * x_scale * weight_scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
 class Fp8RowwiseLinear(nn.Module):
     """A drop-in replacement of an ``nn.Linear`` whose GEMM runs in fp8 (H100/H200, or the CPU for tests)."""
 
@@ -43,15 +59,18 @@ class Fp8RowwiseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         x_fp8, x_scale = rowwise_quantize(rows)
-        out = torch._scaled_mm(
-            x_fp8,
-            self.weight.t(),
-            scale_a=x_scale,
-            scale_b=self.weight_scale,
-            bias=self.bias,
-            out_dtype=self.out_dtype,
-            use_fast_accum=True,
-        )
+        if x.device.type == "cuda":
+            out = torch._scaled_mm(
+                x_fp8,
+                self.weight.t(),
+                scale_a=x_scale,
+                scale_b=self.weight_scale,
+                bias=self.bias,
+                out_dtype=self.out_dtype,
+                use_fast_accum=True,  # as torchao's default for this scheme
+            )
+        else:
+            out = emulated_scaled_mm(x_fp8, x_scale, self.weight, self.weight_scale, self.bias, self.out_dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

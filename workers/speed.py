@@ -7,7 +7,8 @@ Everything is driven by the preset's ``[speed]`` section; an empty section is a 
 2. ``fuse_qkv``: one GEMM for Q/K/V (and one for the text stream's added Q/K/V) per attention; the
    unfused projections are dropped so their memory is freed.
 3. ``transformer_fp8`` / ``text_encoder_2_fp8``: torchao float8 of the linear layers, row-wise dynamic
-   activations (fp8 GEMMs) or weight-only (half the memory, bf16 GEMMs).
+   activations (fp8 GEMMs) or weight-only (half the memory, bf16 GEMMs); or, for the transformer,
+   ``dynamic_row_plain``: the row-wise dynamic scheme with plain tensors (``workers.fp8_linear``).
 4. VAE tiling / a compiled VAE decoder.
 5. The compile cache: artifacts of ``torch.compile`` (inductor, triton, autotune) saved with
    ``torch.compiler.save_cache_artifacts`` in a shared directory after the warm-up and loaded before it
@@ -67,22 +68,12 @@ def _fp8_config(kind: str) -> Any:
     raise ValueError(f"unknown fp8 scheme '{kind}'")
 
 
-def _fp8_friendly(module: Any, _fqn: str) -> bool:
-    """Linear layers whose shapes the fp8 GEMM accepts (dims multiples of 16)."""
-    import torch
-
-    return (
-        isinstance(module, torch.nn.Linear)
-        and module.in_features % 16 == 0
-        and module.out_features % 16 == 0
-        and module.weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
-    )
-
-
 def quantize_fp8(module: Any, kind: str) -> None:
     from torchao.quantization import quantize_
 
-    quantize_(_unwrap(module), _fp8_config(kind), filter_fn=_fp8_friendly)
+    from workers.fp8_linear import fp8_friendly
+
+    quantize_(_unwrap(module), _fp8_config(kind), filter_fn=lambda m, _fqn: fp8_friendly(m))
 
 
 def fuse_qkv(transformer: Any) -> int:
@@ -191,7 +182,12 @@ def apply_speed(pipe: Any, preset: Preset, device: str) -> SpeedReport:
         report.applied.append(f"attention={spec.attention_backend}")
     if spec.fuse_qkv:
         report.applied.append(f"fused_qkv x{fuse_qkv(transformer)}")
-    if spec.transformer_fp8 != "none":
+    if spec.transformer_fp8 == "dynamic_row_plain":
+        from workers.fp8_linear import swap_to_fp8
+
+        swap_to_fp8(_unwrap(transformer))
+        report.applied.append("transformer_fp8=dynamic_row_plain")
+    elif spec.transformer_fp8 != "none":
         quantize_fp8(transformer, spec.transformer_fp8)
         report.applied.append(f"transformer_fp8={spec.transformer_fp8}")
     if spec.text_encoder_2_fp8 != "none" and getattr(pipe, "text_encoder_2", None) is not None:

@@ -30,7 +30,7 @@ def packages_needed(preset: Preset) -> set[str]:
         needed.add("bitsandbytes")
     if preset.quantization.backend == "torchao":
         needed.add("torchao")
-    if preset.speed.transformer_fp8 != "none" or preset.speed.text_encoder_2_fp8 != "none":
+    if preset.speed.transformer_fp8 in ("dynamic_row", "weight_only") or preset.speed.text_encoder_2_fp8 != "none":
         needed.add("torchao")
     return needed
 
