@@ -317,6 +317,9 @@ def measure(args: argparse.Namespace) -> None:
     # Where compile time went (dynamo tracing vs. inductor/AOT, cache hits included), summed per phase.
     phases = torch._dynamo.utils.compilation_time_metrics
     rec["compile_phases_s"] = {k: round(sum(v), 2) for k, v in phases.items() if sum(v) >= 0.05}
+    # cache hits, misses and bypasses of AOTAutograd's and inductor's caches
+    counters = torch._dynamo.utils.counters
+    rec["compile_counters"] = {k: dict(counters[k]) for k in ("aot_autograd", "inductor") if k in counters}
     log(f"[{args.label}] first image {time.time() - t0:.1f}s after process start (load {rec['load_s']}s)")
 
     out = []
