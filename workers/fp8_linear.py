@@ -3,8 +3,9 @@
 The same arithmetic as torchao's ``Float8DynamicActivationFloat8WeightConfig(PerRow())``: weights in
 float8 e4m3 with one scale per output row, each input row scaled by its own absolute maximum at run time,
 one fp8 GEMM with the bias fused. What differs is the representation: the weight and its scale are plain
-buffers, not a tensor subclass. A compiled block then traces as ordinary aten ops, so a worker that finds
-the shared compile cache does not trace through a subclass again before it can serve (the warm start).
+buffers, not a tensor subclass. A compiled block traces as ordinary aten ops (nothing to trace through at
+each worker start), and the layer also runs on a CPU, emulated, so the tests check its numerics. Measured
+on an H100 (call19): as fast as torchao's in the same run. Tests: ``tests/test_backends.py``.
 """
 
 from __future__ import annotations
