@@ -188,9 +188,9 @@ def apply_speed(pipe: Any, preset: Preset, device: str) -> SpeedReport:
         from workers.fp8_linear import swap_to_fp8
 
         swap_to_fp8(_unwrap(transformer))
-        report.applied.append("transformer_fp8=dynamic_row_plain")
     elif spec.transformer_fp8 != "none":
         quantize_fp8(transformer, spec.transformer_fp8)
+    if spec.transformer_fp8 != "none":
         report.applied.append(f"transformer_fp8={spec.transformer_fp8}")
     if spec.text_encoder_2_fp8 != "none" and getattr(pipe, "text_encoder_2", None) is not None:
         quantize_fp8(pipe.text_encoder_2, spec.text_encoder_2_fp8)

@@ -16,6 +16,7 @@ import logging
 import sys
 
 from fluxfleet.presets import Preset
+from workers.backends import backend_entry
 
 logger = logging.getLogger(__name__)
 
@@ -24,14 +25,10 @@ OPTIONAL_PACKAGES = ("bitsandbytes", "torchao")
 
 
 def packages_needed(preset: Preset) -> set[str]:
-    """The optional packages the preset's loading or speed levers call."""
-    needed: set[str] = set()
-    if preset.quantization.backend == "bitsandbytes":
-        needed.add("bitsandbytes")
-    if preset.quantization.backend == "torchao":
-        needed.add("torchao")
+    """Which of ``OPTIONAL_PACKAGES`` the preset's loading (its backend's registry entry) or speed levers call."""
+    needed = set(backend_entry(preset).packages) & set(OPTIONAL_PACKAGES)
     if preset.speed.transformer_fp8 in ("dynamic_row", "weight_only") or preset.speed.text_encoder_2_fp8 != "none":
-        needed.add("torchao")
+        needed.add("torchao")  # workers.speed's torchao float8
     return needed
 
 
