@@ -374,7 +374,7 @@ class Engine:
         self.observer.stage("png_encode", timings.encode_s)
         started = time.perf_counter()
         key = image_key(item.key)
-        if not self._retrying(key, lambda: self.storage.put_if_absent(key, data, "image/png")):
+        if not self._retrying(key, lambda: self.storage.put_if_absent(key, data, "image/png", sha256)):
             # Another attempt stored this key first (a redelivery, or the same item in another job):
             # the record describes the stored object, which may differ in bytes on another GPU.
             sha256 = self.storage.digest(key)

@@ -18,8 +18,12 @@ class Storage(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
-    def put_if_absent(self, key: str, data: bytes, content_type: str) -> bool:
-        """Store ``data`` unless ``key`` exists; False when another attempt already wrote it."""
+    def put_if_absent(self, key: str, data: bytes, content_type: str, sha256: str | None = None) -> bool:
+        """Store ``data`` unless ``key`` exists; False when another attempt already wrote it.
+
+        ``sha256``: the data's digest when the caller already has it (the worker hashes each PNG it
+        encodes), so a backend that records digests does not hash the bytes again.
+        """
 
     @abstractmethod
     def put(self, key: str, data: bytes, content_type: str) -> None:

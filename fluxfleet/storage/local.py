@@ -50,7 +50,7 @@ class LocalStorage(Storage):
             os.fsync(f.fileno())
         return tmp
 
-    def put_if_absent(self, key: str, data: bytes, content_type: str) -> bool:
+    def put_if_absent(self, key: str, data: bytes, content_type: str, sha256: str | None = None) -> bool:
         path = self._path(key)
         try:
             tmp = self._write_temp(path, data)

@@ -17,8 +17,8 @@ DIGEST_METADATA = "sha256"
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-    return {DIGEST_METADATA: hashlib.sha256(data).hexdigest()}
+def _metadata(data: bytes, sha256: str | None = None) -> dict[str, str]:
+    return {DIGEST_METADATA: sha256 or hashlib.sha256(data).hexdigest()}
 
 
 class S3Storage(Storage):
@@ -94,7 +94,7 @@ class S3Storage(Storage):
         # Written before writes recorded the digest (or by another tool): read the object once.
         return super().digest(key)
 
-    def put_if_absent(self, key: str, data: bytes, content_type: str) -> bool:
+    def put_if_absent(self, key: str, data: bytes, content_type: str, sha256: str | None = None) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -103,7 +103,7 @@ class S3Storage(Storage):
                 Key=self._key(key),
                 Body=data,
                 ContentType=content_type,
-                Metadata=_metadata(data),
+                Metadata=_metadata(data, sha256),
                 IfNoneMatch="*",
             )
             return True
