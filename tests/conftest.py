@@ -11,6 +11,8 @@ Fixtures:
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +22,21 @@ import pytest
 from fluxfleet.settings import Settings
 from producer.client import Client
 from producer.stack import LocalStack, RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, *args: str, env: dict[str, str] | None = None, timeout: int = 300) -> str:
+    """Run ``code`` in a fresh interpreter at the project root; returns its last line of output.
+
+    For what must not share this process's imports or torch state; fails the test with its stderr.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
 
 # Short timeouts so fault tests finish in seconds; workers read them from the environment.
 FAST_ENV = {

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import run_python
 
 # One "worker" compiles and saves the artifacts; the cache directories are emptied and dynamo reset (a new
 # host of the fleet), then the artifacts are loaded and the same function compiled again.
@@ -42,11 +40,7 @@ print(json.dumps(dict(counters["aot_autograd"])))
 
 def aot_counters(mode: str, tmp_path: Path) -> dict[str, int]:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / mode), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(run_python(PROBE, mode, env=env, timeout=600))
 
 
 def test_marked_sdpa_helpers_let_aot_autograd_reuse_the_cache(tmp_path: Path) -> None:

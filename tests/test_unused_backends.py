@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from fluxfleet.presets import load_preset
 from fluxfleet.settings import Settings
+from tests.conftest import run_python
 from workers.unused_backends import packages_needed
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -53,9 +50,7 @@ print(json.dumps({"hidden": hidden, "loaded": loaded_modules, "shape": list(imag
 def test_a_plain_preset_loads_and_generates_without_bitsandbytes_or_torchao(tiny_model_dir: Path) -> None:
     # Given a fresh process (as the worker's pool child) serving the tiny preset, which quantizes nothing,
     env = dict(os.environ, FLUXFLEET_MODEL_DIR=str(tiny_model_dir), FLUXFLEET_WORKER__DEVICE="cpu")
-    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(run_python(CHILD, env=env))
     # when it hides the packages it does not need, then diffusers still loads the pipeline and it generates,
     assert result["hidden"] == ["bitsandbytes", "torchao"]
     assert result["shape"] == [64, 64, 3]
@@ -69,6 +64,4 @@ def test_nothing_is_hidden_once_diffusers_is_imported() -> None:
         "from workers.unused_backends import keep_unused_backends_out\n"
         "print(keep_unused_backends_out(load_preset('tiny', Settings().presets_dir)))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert run_python(code) == "[]"
