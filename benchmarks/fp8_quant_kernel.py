@@ -24,6 +24,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from workers.fp8_linear import FP8_MAX, MIN_SCALE, rowwise_quantize
+from workers.speed import versions
 
 ROWS, ATTN, MLP = 4608, 3072, 12288  # 4096 image + 512 text tokens; 24 heads x 128; 4 x 3072
 
@@ -109,7 +110,7 @@ def main() -> None:
         r["ms_per_step_x38"] = r["us"] * 38 / 1000
     result = {
         "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__},
+        "versions": versions(),
         "shape": {"rows": ROWS, "attn": ATTN, "mlp": MLP},
         "bytes_moved_once": moved,
         "fp8_max": FP8_MAX,

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 HIDE_BNB = "import sys; sys.modules['bitsandbytes'] = None\n"
 HIDE_BNB_AO = "import sys; sys.modules['bitsandbytes'] = sys.modules['torchao'] = None\n"
 # What workers.loading.load_pipeline imports before its first CUDA call, for a torchao preset.
@@ -82,7 +83,9 @@ def main() -> None:
             rec = {"case": name, "run": attempt, **run_case(code), "process_s": time.perf_counter() - t}
             records.append(rec)
             print(json.dumps(rec), flush=True)
-    result: dict = {"records": records}
+    from workers.speed import versions  # metadata only: no torch in this process
+
+    result: dict = {"versions": versions(), "records": records}
     if args.importtime:
         result["importtime_worker_set_top"] = importtime(WORKER_SET, 40)
         print("\n".join(result["importtime_worker_set_top"]))

@@ -73,7 +73,7 @@ class SpeedSpec(BaseModel):
         "none",
         description="float8 for the transformer's linear layers: torchao row-wise dynamic or weight-only, or"
         " 'dynamic_row_plain', the same row-wise dynamic arithmetic on torch._scaled_mm with plain tensors"
-        " (no torchao tensor subclass to trace again when a worker starts from the compile cache)",
+        " (no torchao tensor subclass; also runs, emulated, on a CPU)",
     )
     text_encoder_2_fp8: Literal["none", "dynamic_row", "weight_only"] = Field(
         "none", description="torchao float8 for T5's linear layers (weight-only halves its memory)"
