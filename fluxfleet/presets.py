@@ -75,8 +75,11 @@ class SpeedSpec(BaseModel):
         " 'dynamic_row_plain', the same row-wise dynamic arithmetic on torch._scaled_mm with plain tensors"
         " (no torchao tensor subclass; also runs, emulated, on a CPU)",
     )
-    text_encoder_2_fp8: Literal["none", "dynamic_row", "weight_only"] = Field(
-        "none", description="torchao float8 for T5's linear layers (weight-only halves its memory)"
+    text_encoder_2_fp8: Literal["none", "dynamic_row", "weight_only", "weight_only_plain"] = Field(
+        "none",
+        description="float8 for T5's linear layers: torchao row-wise dynamic or weight-only, or"
+        " 'weight_only_plain', per-row fp8 weights computed in bf16 without torchao (both weight-only"
+        " schemes halve T5's memory)",
     )
     vae_tiling: bool = Field(False, description="decode the VAE in tiles (lower peak memory, slight seams)")
     compile_vae_decoder: bool = False

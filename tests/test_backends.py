@@ -393,6 +393,45 @@ def test_plain_fp8_speed_lever_swaps_the_transformer_linears(
     assert_close(image, reference, bits=8)
 
 
+def test_fp8_weight_only_linear_stores_fp8_and_computes_in_its_dtype() -> None:
+    from workers.fp8_linear import FP8, Fp8WeightOnlyLinear
+
+    # Given a bf16 linear layer without bias (as T5's),
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=False).to(torch.bfloat16)
+    x = torch.randn(2, 16, 256, dtype=torch.bfloat16)
+    # when it is replaced by its fp8 weight-only version,
+    fp8 = Fp8WeightOnlyLinear(linear)
+    # then only the fp8 weight and its per-row scales are stored,
+    assert {name: t.dtype for name, t in fp8.state_dict().items()} == {
+        "weight_fp8": FP8,
+        "weight_scale": torch.float32,
+    }
+    # its weight reads back in bf16 (T5 picks its activations' dtype from it) within e4m3's error,
+    assert fp8.weight.dtype == torch.bfloat16
+    assert (fp8.weight.float() - linear.weight.float()).norm() / linear.weight.float().norm() < 0.04
+    # and its output is the bf16 product with that weight.
+    out = fp8(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 16, 96)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, fp8.weight))
+
+
+def test_plain_fp8_weight_only_text_encoder_lever_keeps_the_image(
+    tiny_model_for_backends: Path, reference: np.ndarray
+) -> None:
+    from workers.fp8_linear import Fp8WeightOnlyLinear
+
+    # Given the tiny pipeline with T5's linear layers stored in fp8 without torchao,
+    preset = make_preset(speed={"text_encoder_2_fp8": "weight_only_plain", "warm_up": False})
+    pipe, image = generate(preset, tiny_model_for_backends)
+    # then no nn.Linear is left in T5 (its gated feed-forward included),
+    modules = list(pipe.text_encoder_2.modules())
+    assert sum(isinstance(m, Fp8WeightOnlyLinear) for m in modules) >= 4
+    assert not [m for m in modules if type(m) is torch.nn.Linear]
+    # and the image stays within the 8-bit tolerance of the float32 reference.
+    assert_close(image, reference, bits=8)
+
+
 @NEEDS_CUDA
 def test_plain_fp8_on_cuda_computes_its_quantized_product_and_rivals_torchao() -> None:
     """The fp8 GEMM, eager and compiled, against the same quantized product in float32, and the error

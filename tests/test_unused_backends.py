@@ -22,7 +22,8 @@ from workers.unused_backends import packages_needed
         ("bnb-nf4", {"bitsandbytes"}),
         ("lean", {"bitsandbytes"}),
         ("torchao-int8wo", {"torchao"}),
-        ("fast", {"torchao"}),  # no quantization backend, but its [speed] fp8 levers call torchao
+        ("fast", set()),  # both of its [speed] fp8 levers are the plain ones (workers/fp8_linear.py)
+        ("torchao-fp8-dynamic-row", {"torchao"}),
         ("quanto-int8", set()),
     ],
 )

@@ -193,7 +193,12 @@ def apply_speed(pipe: Any, preset: Preset, device: str) -> SpeedReport:
     if spec.transformer_fp8 != "none":
         report.applied.append(f"transformer_fp8={spec.transformer_fp8}")
     if spec.text_encoder_2_fp8 != "none" and getattr(pipe, "text_encoder_2", None) is not None:
-        quantize_fp8(pipe.text_encoder_2, spec.text_encoder_2_fp8)
+        if spec.text_encoder_2_fp8 == "weight_only_plain":
+            from workers.fp8_linear import Fp8WeightOnlyLinear, any_linear, swap_to_fp8
+
+            swap_to_fp8(pipe.text_encoder_2, any_linear, Fp8WeightOnlyLinear)
+        else:
+            quantize_fp8(pipe.text_encoder_2, spec.text_encoder_2_fp8)
         report.applied.append(f"text_encoder_2_fp8={spec.text_encoder_2_fp8}")
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

@@ -22,12 +22,14 @@ logger = logging.getLogger(__name__)
 
 # Top-level packages that diffusers/transformers probe with find_spec and import only when present.
 OPTIONAL_PACKAGES = ("bitsandbytes", "torchao")
+# The [speed] fp8 schemes that workers.speed runs through torchao (the "_plain" ones do not).
+TORCHAO_FP8 = ("dynamic_row", "weight_only")
 
 
 def packages_needed(preset: Preset) -> set[str]:
     """Which of ``OPTIONAL_PACKAGES`` the preset's loading (its backend's registry entry) or speed levers call."""
     needed = set(backend_entry(preset).packages) & set(OPTIONAL_PACKAGES)
-    if preset.speed.transformer_fp8 in ("dynamic_row", "weight_only") or preset.speed.text_encoder_2_fp8 != "none":
+    if preset.speed.transformer_fp8 in TORCHAO_FP8 or preset.speed.text_encoder_2_fp8 in TORCHAO_FP8:
         needed.add("torchao")  # workers.speed's torchao float8
     return needed
 
