@@ -62,7 +62,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cudagraphs": {"compile": {"mode": "reduce-overhead"}},
     "cdtune": {"speed": {"coordinate_descent_tuning": True}},
     "multikernel": {"speed": {"multi_kernel": True, "compile_cache": False}},
-    "torchao_fp8": {"speed": {"transformer_fp8": "dynamic_row"}},
+    "torchao_fp8": {"speed": {"transformer_fp8": "dynamic_row", "fp8_gelu_fusion": False}},
+    "no_gelu_fusion": {"speed": {"fp8_gelu_fusion": False}},
     "autotune": {"compile": {"mode": "max-autotune-no-cudagraphs"}},
     "no_vae_tiling": {"speed": {"vae_tiling": False}},
 }

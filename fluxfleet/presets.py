@@ -75,6 +75,11 @@ class SpeedSpec(BaseModel):
         " 'dynamic_row_plain', the same row-wise dynamic arithmetic on torch._scaled_mm with plain tensors"
         " (no torchao tensor subclass; also runs, emulated, on a CPU)",
     )
+    fp8_gelu_fusion: bool = Field(
+        False,
+        description="with transformer_fp8 = 'dynamic_row_plain': apply each GELU that feeds an fp8 linear while"
+        " quantizing that linear's input, in one pass over memory (workers/fp8_fusion.py)",
+    )
     text_encoder_2_fp8: Literal["none", "dynamic_row", "weight_only", "weight_only_plain"] = Field(
         "none",
         description="float8 for T5's linear layers: torchao row-wise dynamic or weight-only, or"
@@ -105,6 +110,11 @@ class SpeedSpec(BaseModel):
             # MultiKernelCall (triton's JITFunction has no hash lock after loading); seen on an H100.
             raise ValueError(
                 "multi_kernel cannot be combined with compile_cache: cached multi-kernel graphs fail to load"
+            )
+        if self.fp8_gelu_fusion and self.transformer_fp8 != "dynamic_row_plain":
+            raise ValueError(
+                "fp8_gelu_fusion needs transformer_fp8 = 'dynamic_row_plain' (it rewrites those fp8 linears),"
+                f" not {self.transformer_fp8!r}"
             )
         return self
 

@@ -393,6 +393,14 @@ def test_plain_fp8_speed_lever_swaps_the_transformer_linears(
     assert_close(image, reference, bits=8)
 
 
+def test_plain_fp8_with_gelu_fusion_keeps_the_image(tiny_model_for_backends: Path, reference: np.ndarray) -> None:
+    # Given the tiny pipeline with fp8 linears whose GELUs are taken into their input quantization,
+    speed = {"transformer_fp8": "dynamic_row_plain", "fp8_gelu_fusion": True, "warm_up": False}
+    _, image = generate(make_preset(speed=speed), tiny_model_for_backends)
+    # then the image stays within the 8-bit tolerance of the float32 reference.
+    assert_close(image, reference, bits=8)
+
+
 def test_fp8_weight_only_linear_stores_fp8_and_computes_in_its_dtype() -> None:
     from workers.fp8_linear import FP8, Fp8WeightOnlyLinear
 

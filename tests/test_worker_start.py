@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from producer.stack import RedisServer, free_port
 from tests.conftest import base_env
 
@@ -64,3 +66,24 @@ def test_redis_unreachable(tmp_path: Path, tiny_model_dir: Path) -> None:
     }
     result = start_worker(env)
     assert result.returncode == 2 and "Redis is not reachable" in result.stderr
+
+
+def test_worker_warns_when_a_library_would_be_compiled_from_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import py_compile
+
+    from workers.main import warn_if_importing_from_source
+
+    # Given an installed package without bytecode (as a --no-compile install leaves it),
+    package = tmp_path / "heavylib"
+    package.mkdir()
+    (package / "__init__.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # then the worker names it in a warning that says how to fix it,
+    with caplog.at_level("WARNING", logger="workers"):
+        assert warn_if_importing_from_source(("heavylib",)) == ["heavylib"]
+    assert "no bytecode cache for heavylib" in caplog.text and "compileall" in caplog.text
+    # and once its bytecode is compiled, nothing is reported.
+    py_compile.compile(str(package / "__init__.py"), doraise=True)
+    assert warn_if_importing_from_source(("heavylib",)) == []

@@ -31,6 +31,13 @@ def rowwise_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+def gelu_cat_rowwise_quantize(plain: torch.Tensor, pre_gelu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rowwise_quantize(cat([plain, gelu_tanh(pre_gelu)], -1))`` with the GELU kept in float32, as the CUDA
+    kernel of ``workers.fp8_kernels`` computes it: the reference for every other device."""
+    gelu = torch.nn.functional.gelu(pre_gelu.float(), approximate="tanh")
+    return rowwise_quantize(torch.cat([plain.float(), gelu], dim=-1))
+
+
 def emulated_scaled_mm(
     x_fp8: torch.Tensor,
     x_scale: torch.Tensor,
@@ -61,9 +68,25 @@ class Fp8RowwiseLinear(nn.Module):
         self.out_dtype = linear.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        x_fp8, x_scale = rowwise_quantize(rows)
-        if x.device.type == "cuda":
+        x_fp8, x_scale = rowwise_quantize(x.reshape(-1, self.in_features))
+        return self._gemm(x_fp8, x_scale, x.shape[:-1])
+
+    def forward_gelu_cat(self, plain: torch.Tensor | None, pre_gelu: torch.Tensor) -> torch.Tensor:
+        """``self(cat([plain, gelu_tanh(pre_gelu)], -1))`` with the GELU, the concatenation and the input's
+        quantization in one pass over memory on CUDA (``workers.fp8_kernels``)."""
+        lead = pre_gelu.shape[:-1]
+        pre_gelu = pre_gelu.reshape(-1, pre_gelu.shape[-1])
+        plain = pre_gelu.new_empty(pre_gelu.shape[0], 0) if plain is None else plain.reshape(pre_gelu.shape[0], -1)
+        if pre_gelu.device.type == "cuda":
+            from workers.fp8_kernels import gelu_cat_rowwise_fp8
+
+            x_fp8, x_scale = gelu_cat_rowwise_fp8(plain.contiguous(), pre_gelu.contiguous())
+        else:
+            x_fp8, x_scale = gelu_cat_rowwise_quantize(plain, pre_gelu)
+        return self._gemm(x_fp8, x_scale, lead)
+
+    def _gemm(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+        if x_fp8.device.type == "cuda":
             out = torch._scaled_mm(
                 x_fp8,
                 self.weight.t(),
@@ -75,7 +98,7 @@ class Fp8RowwiseLinear(nn.Module):
             )
         else:
             out = emulated_scaled_mm(x_fp8, x_scale, self.weight, self.weight_scale, self.bias, self.out_dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 row-wise"

@@ -8,7 +8,8 @@ Everything is driven by the preset's ``[speed]`` section; an empty section is a 
    unfused projections are dropped so their memory is freed.
 3. ``transformer_fp8`` / ``text_encoder_2_fp8``: torchao float8 of the linear layers, row-wise dynamic
    activations (fp8 GEMMs) or weight-only (half the memory, bf16 GEMMs); or, for the transformer,
-   ``dynamic_row_plain``: the row-wise dynamic scheme with plain tensors (``workers.fp8_linear``).
+   ``dynamic_row_plain``: the row-wise dynamic scheme with plain tensors (``workers.fp8_linear``), whose
+   GELU-fed linears can also take the GELU into their input quantization (``fp8_gelu_fusion``).
 4. VAE tiling / a compiled VAE decoder.
 5. The compile cache: artifacts of ``torch.compile`` (inductor, triton, autotune) saved with
    ``torch.compiler.save_cache_artifacts`` in a shared directory after the warm-up and loaded before it
@@ -188,6 +189,10 @@ def apply_speed(pipe: Any, preset: Preset, device: str) -> SpeedReport:
         from workers.fp8_linear import swap_to_fp8
 
         swap_to_fp8(_unwrap(transformer))
+        if spec.fp8_gelu_fusion:
+            from workers.fp8_fusion import fuse_gelu_into_fp8
+
+            report.applied.append(f"fp8_gelu_fusion x{fuse_gelu_into_fp8(_unwrap(transformer))}")
     elif spec.transformer_fp8 != "none":
         quantize_fp8(transformer, spec.transformer_fp8)
     if spec.transformer_fp8 != "none":
