@@ -401,6 +401,29 @@ def test_plain_fp8_with_gelu_fusion_keeps_the_image(tiny_model_for_backends: Pat
     assert_close(image, reference, bits=8)
 
 
+def test_worker_warm_up_only_runs_the_text_encoders_where_the_speed_step_warmed(
+    tiny_model_for_backends: Path,
+) -> None:
+    from fluxfleet.presets import effective_defaults
+    from workers.loading import load_pipeline, warm_up
+
+    # Given a pipeline whose speed step warmed up (denoised and decoded) at the preset's warm-up shape,
+    preset = make_preset(speed={"fuse_qkv": True}, warmup={"steps": 2, "shapes": [[64, 64]]})
+    settings = Settings(model_dir=tiny_model_for_backends, worker=WorkerSettings(device="cpu"))
+    loaded = load_pipeline(preset, settings)
+    assert loaded.speed.warmup_s > 0
+    calls: dict[str, int] = {"transformer": 0, "text_encoder_2": 0, "vae": 0}
+    for name in calls:
+        getattr(loaded.pipe, name).register_forward_pre_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+    loaded.pipe.vae.decoder.register_forward_pre_hook(lambda *_: calls.__setitem__("vae", calls["vae"] + 1))
+    # when the worker warms up at that shape,
+    warm_up(loaded, preset, effective_defaults(preset, settings))
+    # then only the text encoders run: no second denoising or decoding.
+    assert calls == {"transformer": 0, "text_encoder_2": 1, "vae": 0}
+
+
 def test_fp8_weight_only_linear_stores_fp8_and_computes_in_its_dtype() -> None:
     from workers.fp8_linear import FP8, Fp8WeightOnlyLinear
 
