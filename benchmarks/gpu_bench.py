@@ -59,11 +59,12 @@ RES = int(os.environ.get("BENCH_RES", "1024"))
 SEQ = int(os.environ.get("BENCH_SEQ", "512"))
 # Benchmark-only changes to a preset: nested fields merged over the preset file's, e.g. "fast@cudagraphs".
 VARIANTS: dict[str, dict[str, Any]] = {
-    "cudagraphs": {"compile": {"mode": "reduce-overhead"}},
+    "cudagraphs": {"compile": {"mode": "reduce-overhead"}, "speed": {"cuda_graph": False}},
     "cdtune": {"speed": {"coordinate_descent_tuning": True}},
     "multikernel": {"speed": {"multi_kernel": True, "compile_cache": False}},
     "torchao_fp8": {"speed": {"transformer_fp8": "dynamic_row", "fp8_gelu_fusion": False}},
     "no_gelu_fusion": {"speed": {"fp8_gelu_fusion": False}},
+    "no_cuda_graph": {"speed": {"cuda_graph": False}},
     "autotune": {"compile": {"mode": "max-autotune-no-cudagraphs"}},
     "no_vae_tiling": {"speed": {"vae_tiling": False}},
 }

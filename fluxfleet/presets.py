@@ -96,6 +96,12 @@ class SpeedSpec(BaseModel):
         description="inductor multi-kernel: also build single-pass (persistent) row reductions up to 16K wide and"
         " keep the faster variant by timing (the fp8 quantization of the 12288/15360-wide MLP inputs)",
     )
+    cuda_graph: bool = Field(
+        False,
+        description="replay the transformer's whole forward as one CUDA graph per input shape (CUDA only;"
+        " the pipeline must sit on one GPU; with compile, only regional)",
+    )
+    cuda_graph_limit: int = Field(4, ge=1, description="input shapes captured before further shapes run without")
     compile_cache: bool = Field(False, description="load/save compiled artifacts in a shared cache directory")
     compile_cache_dir: str | None = Field(
         None, description="shared cache directory; FLUXFLEET_COMPILE_CACHE_DIR overrides; default ~/.cache/fluxfleet"
@@ -151,6 +157,21 @@ class Preset(BaseModel):
     speed: SpeedSpec = SpeedSpec()
     estimate: EstimateSpec = EstimateSpec()
     defaults: dict[str, Any] = Field(default_factory=dict, description="overrides of GenerationDefaults")
+
+    @model_validator(mode="after")
+    def _graphable(self) -> Preset:
+        if self.speed.cuda_graph:
+            if self.placement.policy in ("balanced", "model_offload", "group_offload"):
+                raise ValueError(
+                    f"speed.cuda_graph needs the pipeline on one GPU; placement.policy {self.placement.policy!r}"
+                    " moves weights or splits the model during the forward, which one graph cannot replay"
+                )
+            if self.compile.enabled and (not self.compile.regional or self.compile.mode == "reduce-overhead"):
+                raise ValueError(
+                    "speed.cuda_graph captures the forward itself: use it with compile.regional = true and"
+                    " without mode 'reduce-overhead'"
+                )
+        return self
 
     def model_source(self, settings: Settings) -> str:
         """The model to load: ``FLUXFLEET_MODEL_DIR`` overrides the preset's own source."""

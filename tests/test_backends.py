@@ -493,3 +493,11 @@ def test_plain_fp8_on_cuda_computes_its_quantized_product_and_rivals_torchao() -
     assert rel(compiled, eager) < 5e-3
     # and the error against bf16 is no worse than torchao's for the same scheme.
     assert rel(eager, bf16) < 1.1 * rel(torchao, bf16)
+
+
+def test_cuda_graph_lever_leaves_a_cpu_pipeline_as_it_was(tiny_model_for_backends: Path, reference: np.ndarray) -> None:
+    # Given a preset with CUDA graphs, loaded on a CPU,
+    pipe, image = generate(make_preset(speed={"cuda_graph": True, "warm_up": False}), tiny_model_for_backends)
+    # then its transformer keeps its own forward and the image is the reference.
+    assert "forward" not in vars(pipe.transformer)
+    assert_close(image, reference, bits=8)

@@ -10,7 +10,8 @@ Everything is driven by the preset's ``[speed]`` section; an empty section is a 
    activations (fp8 GEMMs) or weight-only (half the memory, bf16 GEMMs); or, for the transformer,
    ``dynamic_row_plain``: the row-wise dynamic scheme with plain tensors (``workers.fp8_linear``), whose
    GELU-fed linears can also take the GELU into their input quantization (``fp8_gelu_fusion``).
-4. VAE tiling / a compiled VAE decoder.
+4. VAE tiling / a compiled VAE decoder; ``cuda_graph``: the transformer's forward replayed as a CUDA graph
+   (``workers.cuda_graphs``), captured during the warm-up.
 5. The compile cache: artifacts of ``torch.compile`` (inductor, triton, autotune) saved with
    ``torch.compiler.save_cache_artifacts`` in a shared directory after the warm-up and loaded before it
    by the next worker with the same key (GPU model, torch/diffusers/torchao/triton versions, preset,
@@ -254,6 +255,15 @@ def apply_speed(pipe: Any, preset: Preset, device: str) -> SpeedReport:
             except Exception as e:  # a corrupt or foreign artifact only costs a compile
                 logger.warning("compile cache %s unusable (%s); compiling", path, e)
             report.cache_load_s = time.perf_counter() - t
+
+    if spec.cuda_graph:
+        if device.startswith("cuda"):
+            from workers.cuda_graphs import graph_the_transformer
+
+            graph_the_transformer(_unwrap(transformer), spec.cuda_graph_limit)
+            report.applied.append("cuda_graph")
+        else:
+            logger.info("preset %s: cuda_graph needs CUDA; running without on %s", preset.name, device)
 
     if spec.warm_up:
         t = time.perf_counter()

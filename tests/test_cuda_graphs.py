@@ -1,0 +1,58 @@
+"""The ``cuda_graph`` speed lever (``workers/cuda_graphs.py``): where presets may use it, and its replays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fluxfleet.errors import ConfigurationError
+from fluxfleet.presets import load_preset
+from tests.test_fp8_fusion import tiny_transformer, transformer_inputs
+
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize(
+    ("sections", "refused"),
+    [
+        ('[placement]\npolicy = "model_offload"\n', r"cuda_graph needs the pipeline on one GPU.*'model_offload'"),
+        ("[compile]\nenabled = true\nregional = false\n", r"cuda_graph captures the forward itself.*regional"),
+    ],
+)
+def test_cuda_graph_is_refused_where_a_graph_cannot_replay(tmp_path: Path, sections: str, refused: str) -> None:
+    # Given a preset asking for CUDA graphs with weights moving during the forward, or a whole-model compile,
+    (tmp_path / "g.toml").write_text(f'model = "m"\n{sections}[speed]\ncuda_graph = true\n')
+    # then loading it fails before any worker starts, naming the file and the conflict.
+    with pytest.raises(ConfigurationError, match=rf"g\.toml.*{refused}"):
+        load_preset("g", tmp_path)
+
+
+@NEEDS_CUDA
+def test_graphed_transformer_replays_what_the_eager_forward_computes() -> None:
+    from workers.cuda_graphs import graph_the_transformer
+
+    # Given the tiny transformer on the GPU and two sets of inputs of the same shape,
+    model = tiny_transformer().cuda()
+    first = {k: v.cuda() for k, v in transformer_inputs(model, torch.float32).items()}
+    second = {k: (v * 0.5 if v.is_floating_point() else v) for k, v in first.items()}
+    with torch.no_grad():
+        expected = [model(**inputs, return_dict=False)[0] for inputs in (first, second)]
+        graphed = graph_the_transformer(model, limit=1)
+        # when its forward goes through a CUDA graph, each replay computes the eager result for its own inputs
+        actual = [model(**inputs, return_dict=False)[0] for inputs in (first, second)]
+        # (and the first output is a copy the second replay did not overwrite),
+        for got, want in zip(actual, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert len(graphed.graphs) == 1
+        # and a new shape beyond the limit runs the ordinary forward instead of capturing again.
+        shorter = {
+            **first,
+            "encoder_hidden_states": first["encoder_hidden_states"][:, :4],
+            "txt_ids": first["txt_ids"][:4],
+        }
+        torch.testing.assert_close(
+            model(**shorter).sample, graphed.eager_forward(**shorter, return_dict=False)[0], rtol=1e-4, atol=1e-4
+        )
+        assert len(graphed.graphs) == 1

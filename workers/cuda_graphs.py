@@ -1,0 +1,100 @@
+"""Replay the whole transformer forward as one CUDA graph per input shape (the ``cuda_graph`` speed lever).
+
+A denoising step launches some 2,000 kernels: the regionally compiled blocks, their guards, and the eager
+parts around them (embeddings, RoPE, the output norm). On the H100 host the CPU could not launch them as fast
+as the GPU ran them: the fast preset's kernels summed to 88.6 ms per step while a step took 93.3 ms alone
+and 97.9 ms inside the pipeline (call23). A captured graph launches them all with one call.
+
+Each distinct input signature (shapes, dtypes, non-tensor arguments) is captured once, after two warm-up
+runs on a side stream (so compilation and cuDNN/cuBLAS plans exist before capture), into one memory pool
+shared by all of this transformer's graphs. Later calls copy their tensors into the captured inputs, replay,
+and return a copy of the output, so a caller never holds memory the next replay overwrites. Beyond ``limit``
+signatures, or with arguments a graph cannot hold (a dict of attention kwargs, tensors off the GPU), the
+call runs the ordinary forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]
+    output: torch.Tensor
+
+
+class GraphedForward:
+    """Callable that replaces a module's ``forward``; keyword-only, as diffusers' pipelines call it."""
+
+    def __init__(self, forward: Any, limit: int = 4) -> None:
+        self.eager_forward = forward
+        self.limit = limit
+        self.graphs: dict[tuple[Any, ...], _Captured] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    @staticmethod
+    def signature(kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+        key = []
+        for name, value in sorted(kwargs.items()):
+            if isinstance(value, torch.Tensor):
+                if not value.is_cuda:
+                    return None
+                key.append((name, tuple(value.shape), value.dtype, value.stride()))
+            elif value is None or isinstance(value, bool | int | float | str):
+                key.append((name, value))
+            else:
+                return None  # e.g. joint_attention_kwargs: not something a graph can take as an input
+        return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), *key)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = None if args else self.signature(kwargs)
+        captured = self.graphs.get(key) if key is not None else None
+        if captured is None and key is not None and len(self.graphs) < self.limit:
+            captured = self.graphs[key] = self._capture(kwargs)
+        if captured is None:
+            return self.eager_forward(*args, **kwargs)
+        for name, static in captured.inputs.items():
+            static.copy_(kwargs[name])
+        captured.graph.replay()
+        return self._wrap(captured.output.clone(), kwargs)
+
+    def _capture(self, kwargs: dict[str, Any]) -> _Captured:
+        inputs = {name: value.clone() for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
+        call = {**kwargs, **inputs, "return_dict": False}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.eager_forward(**call)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = self.eager_forward(**call)[0]
+        logger.info(
+            "captured a CUDA graph of the transformer for %s",
+            {name: tuple(t.shape) for name, t in inputs.items() if t.dim() > 1},
+        )
+        return _Captured(graph=graph, inputs=inputs, output=output)
+
+    @staticmethod
+    def _wrap(output: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+        if kwargs.get("return_dict", True):
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=output)
+        return (output,)
+
+
+def graph_the_transformer(transformer: torch.nn.Module, limit: int) -> GraphedForward:
+    """Route ``transformer``'s forward through CUDA graphs (its module and hooks stay as they are)."""
+    graphed = GraphedForward(transformer.forward, limit)
+    transformer.forward = graphed  # type: ignore[method-assign]
+    return graphed
