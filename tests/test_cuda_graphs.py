@@ -29,6 +29,43 @@ def test_cuda_graph_is_refused_where_a_graph_cannot_replay(tmp_path: Path, secti
         load_preset("g", tmp_path)
 
 
+def test_the_pipelines_own_call_is_one_a_graph_can_replay() -> None:
+    from workers.cuda_graphs import GraphedForward
+
+    # FluxPipeline calls its transformer with joint_attention_kwargs={} and return_dict=False: graphable;
+    assert GraphedForward.signature({"joint_attention_kwargs": {}, "return_dict": False}) is not None
+    # attention kwargs with content (IP-adapter embeddings) and tensors off the GPU are not.
+    assert GraphedForward.signature({"joint_attention_kwargs": {"ip_adapter_image_embeds": [1]}}) is None
+    assert GraphedForward.signature({"hidden_states": torch.zeros(1)}) is None
+
+
+@NEEDS_CUDA
+def test_graphed_pipeline_replays_its_transformer_at_every_step(tmp_path: Path) -> None:
+    from fluxfleet.presets import Preset
+    from fluxfleet.settings import Settings, WorkerSettings
+    from workers.loading import load_pipeline
+    from workers.tiny_model import build_tiny_pipeline
+
+    # Given the tiny pipeline on the GPU with the cuda_graph lever (its warm-up captures the graph),
+    preset = Preset.model_validate(
+        {
+            "name": "graphed",
+            "model": "unused",
+            "dtype": "float32",
+            "placement": {"policy": "gpu"},
+            "speed": {"cuda_graph": True},
+            "warmup": {"steps": 2, "shapes": [[64, 64]]},
+        }
+    )
+    settings = Settings(model_dir=build_tiny_pipeline(tmp_path), worker=WorkerSettings(device="cuda"))
+    loaded = load_pipeline(preset, settings)
+    graphed = loaded.pipe.transformer.forward
+    before = graphed.replays
+    # when it generates 3 steps at that shape, every step is a replay of the one captured graph.
+    loaded.pipe("a red cat", width=64, height=64, num_inference_steps=3, output_type="np")
+    assert (len(graphed.graphs), graphed.replays - before) == (1, 3)
+
+
 @NEEDS_CUDA
 def test_graphed_transformer_replays_what_the_eager_forward_computes() -> None:
     from workers.cuda_graphs import graph_the_transformer

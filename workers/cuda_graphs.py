@@ -9,8 +9,8 @@ Each distinct input signature (shapes, dtypes, non-tensor arguments) is captured
 runs on a side stream (so compilation and cuDNN/cuBLAS plans exist before capture), into one memory pool
 shared by all of this transformer's graphs. Later calls copy their tensors into the captured inputs, replay,
 and return a copy of the output, so a caller never holds memory the next replay overwrites. Beyond ``limit``
-signatures, or with arguments a graph cannot hold (a dict of attention kwargs, tensors off the GPU), the
-call runs the ordinary forward.
+signatures, or with arguments a graph cannot hold (attention kwargs with content, tensors off the GPU),
+the call runs the ordinary forward.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class GraphedForward:
         self.limit = limit
         self.graphs: dict[tuple[Any, ...], _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        self.replays = 0
 
     @staticmethod
     def signature(kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -50,8 +51,10 @@ class GraphedForward:
                 key.append((name, tuple(value.shape), value.dtype, value.stride()))
             elif value is None or isinstance(value, bool | int | float | str):
                 key.append((name, value))
+            elif isinstance(value, dict) and not value:
+                key.append((name, "{}"))  # FluxPipeline passes joint_attention_kwargs={} when it has none
             else:
-                return None  # e.g. joint_attention_kwargs: not something a graph can take as an input
+                return None  # e.g. IP-adapter embeddings in joint_attention_kwargs: not a graph input
         return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), *key)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -64,6 +67,7 @@ class GraphedForward:
         for name, static in captured.inputs.items():
             static.copy_(kwargs[name])
         captured.graph.replay()
+        self.replays += 1
         return self._wrap(captured.output.clone(), kwargs)
 
     def _capture(self, kwargs: dict[str, Any]) -> _Captured:
