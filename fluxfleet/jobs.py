@@ -94,8 +94,20 @@ class JobStore:
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self._k(job_id)))
 
-    def create(self, *, job_id: str, preset: str, model: str, tasks: list[TaskPayload]) -> None:
-        """Record a job as 'submitting' with all its tasks, in one round trip."""
+    def create(
+        self,
+        *,
+        job_id: str,
+        preset: str,
+        model: str,
+        tasks: list[TaskPayload],
+        encoded: dict[str, str] | None = None,
+    ) -> None:
+        """Record a job as 'submitting' with all its tasks, in one round trip.
+
+        ``encoded``: each task's JSON by task id where the caller already has it (submit checks its size).
+        """
+        encoded = encoded or {}
         total = sum(len(t.items) for t in tasks)
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(
@@ -111,7 +123,10 @@ class JobStore:
         )
         for chunk_start in range(0, len(tasks), 1000):
             chunk = tasks[chunk_start : chunk_start + 1000]
-            pipe.hset(self._k(job_id, "tasks"), mapping={t.task_id: t.model_dump_json() for t in chunk})
+            pipe.hset(
+                self._k(job_id, "tasks"),
+                mapping={t.task_id: encoded.get(t.task_id) or t.model_dump_json() for t in chunk},
+            )
         pipe.zadd(f"{self.prefix}:jobs", {job_id: time.time()})
         pipe.execute()
 

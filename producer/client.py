@@ -114,9 +114,9 @@ class Client:
             job.already_submitted = True
             return job
         tasks = split_tasks(items, job_id=job_id, preset=chosen, model=model)
-        self._check_payload_sizes(tasks)
+        encoded = self._check_payload_sizes(tasks)
         try:
-            self.jobs.create(job_id=job_id, preset=chosen.name, model=model, tasks=tasks)
+            self.jobs.create(job_id=job_id, preset=chosen.name, model=model, tasks=tasks, encoded=encoded)
         except Exception as e:
             raise BrokerUnavailable(f"could not record job {job_id}: {e}") from e
         try:
@@ -147,16 +147,20 @@ class Client:
                     field="prompt",
                 )
 
-    def _check_payload_sizes(self, tasks: list[TaskPayload]) -> None:
+    def _check_payload_sizes(self, tasks: list[TaskPayload]) -> dict[str, str]:
+        """Each task's JSON, checked against the payload limit; returned so the job store reuses it."""
         limit = self.settings.limits.max_payload_bytes
+        encoded = {}
         for task in tasks:
-            size = len(task.model_dump_json())
+            encoded[task.task_id] = payload = task.model_dump_json()
+            size = len(payload)
             if size > limit:
                 raise ValidationError(
                     f"task {task.task_id} would be {size} bytes, over the limit of {limit} "
                     "(FLUXFLEET_LIMITS__MAX_PAYLOAD_BYTES); shorten the prompts",
                     field="payload",
                 )
+        return encoded
 
     def _safely_abort(self, job_id: str) -> None:
         try:
