@@ -82,7 +82,7 @@ def test_graphed_transformer_replays_what_the_eager_forward_computes() -> None:
         # (and the first output is a copy the second replay did not overwrite),
         for got, want in zip(actual, expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        assert len(graphed.graphs) == 1
+        assert (len(graphed.graphs), graphed.replays) == (1, 2)
         # and a new shape beyond the limit runs the ordinary forward instead of capturing again.
         shorter = {
             **first,
@@ -93,3 +93,23 @@ def test_graphed_transformer_replays_what_the_eager_forward_computes() -> None:
             model(**shorter).sample, graphed.eager_forward(**shorter, return_dict=False)[0], rtol=1e-4, atol=1e-4
         )
         assert len(graphed.graphs) == 1
+
+
+@NEEDS_CUDA
+def test_a_forward_that_cannot_be_captured_runs_without_a_graph(caplog: pytest.LogCaptureFixture) -> None:
+    from workers.cuda_graphs import GraphedForward
+
+    # Given a forward that reads a value back to the CPU (not allowed while a graph is being captured),
+    def forward(hidden_states: torch.Tensor, return_dict: bool = True) -> tuple[torch.Tensor]:
+        return (hidden_states * float(hidden_states.sum().item() > 0),)
+
+    graphed = GraphedForward(forward, limit=2)
+    x = torch.ones(4, 4, device="cuda")
+    # then the capture failure is logged, the call still returns the eager result,
+    with caplog.at_level("ERROR", logger="workers.cuda_graphs"):
+        out = graphed(hidden_states=x, return_dict=False)[0]
+    assert "capture of the transformer failed" in caplog.text
+    torch.testing.assert_close(out, x)
+    # and later calls of that shape go straight to the eager forward, without trying again.
+    graphed(hidden_states=x, return_dict=False)
+    assert list(graphed.graphs.values()) == [None] and graphed.replays == 0

@@ -37,7 +37,7 @@ class GraphedForward:
     def __init__(self, forward: Any, limit: int = 4) -> None:
         self.eager_forward = forward
         self.limit = limit
-        self.graphs: dict[tuple[Any, ...], _Captured] = {}
+        self.graphs: dict[tuple[Any, ...], _Captured | None] = {}  # None: capture failed, run eagerly
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
 
@@ -59,9 +59,9 @@ class GraphedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = None if args else self.signature(kwargs)
+        if key is not None and key not in self.graphs and len(self.graphs) < self.limit:
+            self.graphs[key] = self._try_capture(kwargs)
         captured = self.graphs.get(key) if key is not None else None
-        if captured is None and key is not None and len(self.graphs) < self.limit:
-            captured = self.graphs[key] = self._capture(kwargs)
         if captured is None:
             return self.eager_forward(*args, **kwargs)
         for name, static in captured.inputs.items():
@@ -69,6 +69,14 @@ class GraphedForward:
         captured.graph.replay()
         self.replays += 1
         return self._wrap(captured.output.clone(), kwargs)
+
+    def _try_capture(self, kwargs: dict[str, Any]) -> _Captured | None:
+        try:
+            return self._capture(kwargs)
+        except Exception:  # a forward a graph cannot hold is slower without one, not broken
+            logger.exception("CUDA graph capture of the transformer failed; this shape runs without a graph")
+            torch.cuda.synchronize()
+            return None
 
     def _capture(self, kwargs: dict[str, Any]) -> _Captured:
         inputs = {name: value.clone() for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
