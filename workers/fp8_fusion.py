@@ -71,7 +71,7 @@ def fuse_gelu_into_fp8(transformer: nn.Module) -> int:
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
     fused = 0
-    for name, block in transformer.named_modules():
+    for name, block in list(transformer.named_modules()):  # the loop replaces modules of the tree
         if isinstance(block, FluxTransformerBlock):
             for ff in (block.ff, block.ff_context):
                 gelu, out = ff.net[0], ff.net[2]
