@@ -460,7 +460,10 @@ def through_worker(preset_name: str, model_dir: Path, records: Path, env: dict[s
     for k in ("FLUXFLEET_BROKER__URL", "FLUXFLEET_MODEL_DIR", "FLUXFLEET_STORAGE__URL"):
         os.environ[k] = wenv[k]
     t0 = time.time()
-    logf = open(records.parent / f"worker-{preset_name}.log", "w")  # noqa: SIM115 (the worker writes it)
+    # One log per start: a plan may start the same preset's worker more than once (warm-start samples).
+    starts = len(list(records.parent.glob(f"worker-{preset_name}*.log")))
+    suffix = f"-{starts + 1}" if starts else ""
+    logf = open(records.parent / f"worker-{preset_name}{suffix}.log", "w")  # noqa: SIM115 (the worker writes it)
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers.main", "--preset", preset_name, "--gpu", "0"],
         cwd=ROOT,
