@@ -3,8 +3,10 @@
 In each of FLUX.1-dev's 38 single blocks, ``proj_out`` (fp8 row-wise in the fast preset) takes
 ``cat([attention output, gelu_tanh(proj_mlp output)])``, 4608 x 15360 at 1024x1024. Inductor quantizes it
 in two kernels, an amax pass and a scale-and-cast pass, each reading both inputs and recomputing GELU
-(5.48 + 5.51 ms per step in call19's profile). This script times that against one Triton kernel that keeps
-each row in registers: read once, write fp8 once. GPU only::
+(5.48 + 5.51 ms per step in call19's profile). This script times that against the one-pass Triton kernel
+of ``workers/fp8_kernels.py`` (each row kept in registers: read once, write fp8 once) at 8, 16 and 32 warps.
+Call22 ran it with the kernel as first written here, since moved into the worker unchanged in arithmetic.
+GPU only::
 
     python benchmarks/fp8_quant_kernel.py --out $OUT/fp8-quant-kernel.json
 
@@ -19,52 +21,17 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from workers.fp8_kernels import gelu_cat_rowwise_fp8_kernel, launch_gelu_cat_rowwise_fp8
 from workers.fp8_linear import FP8_MAX, MIN_SCALE, rowwise_quantize
 from workers.speed import versions
 
 ROWS, ATTN, MLP = 4608, 3072, 12288  # 4096 image + 512 text tokens; 24 heads x 128; 4 x 3072
 
 
-@triton.jit
-def gelu_cat_quantize_kernel(
-    attn_ptr, mlp_ptr, out_ptr, scale_ptr, A: tl.constexpr, M: tl.constexpr, BA: tl.constexpr, BM: tl.constexpr
-):
-    row = tl.program_id(0).to(tl.int64)
-    oa = tl.arange(0, BA)
-    om = tl.arange(0, BM)
-    a = tl.load(attn_ptr + row * A + oa, mask=oa < A, other=0.0).to(tl.float32)
-    m = tl.load(mlp_ptr + row * M + om, mask=om < M, other=0.0).to(tl.float32)
-    inner = 0.7978845608028654 * (m + 0.044715 * m * m * m)
-    g = 0.5 * m * (2.0 * tl.sigmoid(2.0 * inner))  # 1 + tanh(z) = 2 sigmoid(2z)
-    amax = tl.maximum(tl.max(tl.abs(a), axis=0), tl.max(tl.abs(g), axis=0))
-    scale = tl.maximum(amax / 448.0, 1e-12)
-    out_row = out_ptr + row * (A + M)
-    tl.store(out_row + oa, tl.clamp(a / scale, -448.0, 448.0).to(tl.float8e4nv), mask=oa < A)
-    tl.store(out_row + A + om, tl.clamp(g / scale, -448.0, 448.0).to(tl.float8e4nv), mask=om < M)
-    tl.store(scale_ptr + row, scale)
-
-
 def one_pass(attn: torch.Tensor, mlp: torch.Tensor, num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, a_width = attn.shape
-    m_width = mlp.shape[1]
-    out = torch.empty(rows, a_width + m_width, device=attn.device, dtype=torch.float8_e4m3fn)
-    scale = torch.empty(rows, 1, device=attn.device, dtype=torch.float32)
-    gelu_cat_quantize_kernel[(rows,)](
-        attn,
-        mlp,
-        out,
-        scale,
-        a_width,
-        m_width,
-        triton.next_power_of_2(a_width),
-        triton.next_power_of_2(m_width),
-        num_warps=num_warps,
-    )
-    return out, scale
+    return launch_gelu_cat_rowwise_fp8(gelu_cat_rowwise_fp8_kernel, attn, mlp, num_warps)
 
 
 def inductor_reference(attn: torch.Tensor, mlp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,8 @@ reference arithmetic every device can run.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -22,7 +24,7 @@ from workers.fp8_linear import FP8, FP8_MAX, MIN_SCALE
 
 
 @triton.jit
-def _gelu_cat_rowwise_fp8_kernel(
+def gelu_cat_rowwise_fp8_kernel(
     plain_ptr,
     gelu_ptr,
     out_ptr,
@@ -55,15 +57,15 @@ def _gelu_cat_rowwise_fp8_kernel(
     tl.store(scale_ptr + row, scale)
 
 
-@triton_op("fluxfleet::gelu_cat_rowwise_fp8", mutates_args=())
-def gelu_cat_rowwise_fp8(plain: torch.Tensor, pre_gelu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8 rows of ``cat([plain, gelu_tanh(pre_gelu)], -1)`` (both 2-D, same rows; ``plain`` may be 0 wide)
-    and their float32 scales, shape [rows, 1]."""
+def launch_gelu_cat_rowwise_fp8(
+    kernel: Any, plain: torch.Tensor, pre_gelu: torch.Tensor, num_warps: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocate the outputs and launch ``kernel`` (the jit function, or it wrapped for ``torch.compile``)."""
     rows, plain_width = plain.shape
     gelu_width = pre_gelu.shape[1]
     out = torch.empty((rows, plain_width + gelu_width), device=pre_gelu.device, dtype=FP8)
     scale = torch.empty((rows, 1), device=pre_gelu.device, dtype=torch.float32)
-    wrap_triton(_gelu_cat_rowwise_fp8_kernel)[(rows,)](
+    kernel[(rows,)](
         plain,
         pre_gelu,
         out,
@@ -74,6 +76,13 @@ def gelu_cat_rowwise_fp8(plain: torch.Tensor, pre_gelu: torch.Tensor) -> tuple[t
         triton.next_power_of_2(gelu_width),
         FP8_MAX,
         MIN_SCALE,
-        num_warps=8,  # the fastest of 8/16/32 for 15360-wide rows (call22)
+        num_warps=num_warps,
     )
     return out, scale
+
+
+@triton_op("fluxfleet::gelu_cat_rowwise_fp8", mutates_args=())
+def gelu_cat_rowwise_fp8(plain: torch.Tensor, pre_gelu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 rows of ``cat([plain, gelu_tanh(pre_gelu)], -1)`` (both 2-D, same rows; ``plain`` may be 0 wide)
+    and their float32 scales, shape [rows, 1]. 8 warps: the fastest of 8/16/32 for 15360-wide rows (call22)."""
+    return launch_gelu_cat_rowwise_fp8(wrap_triton(gelu_cat_rowwise_fp8_kernel), plain, pre_gelu)
