@@ -377,22 +377,6 @@ def test_fp8_rowwise_linear_keeps_a_linear_within_fp8_error() -> None:
     assert row_err.max() < 0.06, row_err.max()
 
 
-def test_plain_fp8_speed_lever_swaps_the_transformer_linears(
-    tiny_model_for_backends: Path, reference: np.ndarray
-) -> None:
-    from workers.fp8_linear import Fp8RowwiseLinear, fp8_friendly
-
-    # Given the tiny pipeline with the transformer's linear layers in fp8 (plain tensors, torch._scaled_mm),
-    preset = make_preset(speed={"transformer_fp8": "dynamic_row_plain", "warm_up": False})
-    pipe, image = generate(preset, tiny_model_for_backends)
-    # then no fp8-eligible nn.Linear is left in the transformer,
-    modules = list(pipe.transformer.modules())
-    assert sum(isinstance(m, Fp8RowwiseLinear) for m in modules) > 10
-    assert not [m for m in modules if fp8_friendly(m)]
-    # and the image stays within the 8-bit tolerance of the float32 reference.
-    assert_close(image, reference, bits=8)
-
-
 def test_plain_fp8_with_gelu_fusion_keeps_the_image(tiny_model_for_backends: Path, reference: np.ndarray) -> None:
     # Given the tiny pipeline with fp8 linears whose GELUs are taken into their input quantization,
     speed = {"transformer_fp8": "dynamic_row_plain", "fp8_gelu_fusion": True, "warm_up": False}
@@ -447,18 +431,42 @@ def test_fp8_weight_only_linear_stores_fp8_and_computes_in_its_dtype() -> None:
     torch.testing.assert_close(out, torch.nn.functional.linear(x, fp8.weight))
 
 
-def test_plain_fp8_weight_only_text_encoder_lever_keeps_the_image(
-    tiny_model_for_backends: Path, reference: np.ndarray
-) -> None:
-    from workers.fp8_linear import Fp8WeightOnlyLinear
+def _fp8_friendly_linear(module: torch.nn.Module) -> bool:
+    from workers.fp8_linear import fp8_friendly
 
-    # Given the tiny pipeline with T5's linear layers stored in fp8 without torchao,
-    preset = make_preset(speed={"text_encoder_2_fp8": "weight_only_plain", "warm_up": False})
-    pipe, image = generate(preset, tiny_model_for_backends)
-    # then no nn.Linear is left in T5 (its gated feed-forward included),
-    modules = list(pipe.text_encoder_2.modules())
-    assert sum(isinstance(m, Fp8WeightOnlyLinear) for m in modules) >= 4
-    assert not [m for m in modules if type(m) is torch.nn.Linear]
+    return fp8_friendly(module)
+
+
+def _plain_linear(module: torch.nn.Module) -> bool:
+    return type(module) is torch.nn.Linear
+
+
+@pytest.mark.parametrize(
+    ("speed", "component", "layer", "at_least", "left_over"),
+    [
+        # the transformer's linears in fp8 (plain tensors, torch._scaled_mm): no fp8-eligible nn.Linear left
+        ({"transformer_fp8": "dynamic_row_plain"}, "transformer", "Fp8RowwiseLinear", 11, _fp8_friendly_linear),
+        # T5's linears stored in fp8 without torchao: no nn.Linear left, its gated feed-forward included
+        ({"text_encoder_2_fp8": "weight_only_plain"}, "text_encoder_2", "Fp8WeightOnlyLinear", 4, _plain_linear),
+    ],
+)
+def test_plain_fp8_speed_lever_swaps_the_linears_and_keeps_the_image(
+    tiny_model_for_backends: Path,
+    reference: np.ndarray,
+    speed: dict[str, Any],
+    component: str,
+    layer: str,
+    at_least: int,
+    left_over: Any,
+) -> None:
+    import workers.fp8_linear
+
+    # Given the tiny pipeline with one component's linear layers swapped for fluxfleet's fp8 layers,
+    pipe, image = generate(make_preset(speed={**speed, "warm_up": False}), tiny_model_for_backends)
+    # then the component holds the fp8 layers and none of the linears the swap replaces,
+    modules = list(getattr(pipe, component).modules())
+    assert sum(isinstance(m, getattr(workers.fp8_linear, layer)) for m in modules) >= at_least
+    assert not [m for m in modules if left_over(m)]
     # and the image stays within the 8-bit tolerance of the float32 reference.
     assert_close(image, reference, bits=8)
 

@@ -36,7 +36,9 @@ class GeluInputFp8Linear(nn.Module):
 
 def _is_tanh_gelu(module: Any) -> bool:
     """torch's ``nn.GELU`` or diffusers' ``GELU`` module (projection + activation), tanh-approximated."""
-    return (isinstance(module, nn.GELU) or type(module).__name__ == "GELU") and module.approximate == "tanh"
+    from diffusers.models.activations import GELU
+
+    return isinstance(module, nn.GELU | GELU) and module.approximate == "tanh"
 
 
 def _single_block_forward(

@@ -39,6 +39,8 @@ from fluxfleet.presets import Preset
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "FLUXFLEET_COMPILE_CACHE_DIR"
+# The [speed] fp8 schemes run through torchao; the "_plain" ones are workers.fp8_linear's and need no torchao.
+TORCHAO_FP8 = ("dynamic_row", "weight_only")
 # What ``with sdpa_kernel(...)`` leaves in a dynamo graph (torch 2.11-2.13).
 SDPA_KERNEL_HELPERS = ("torch.nn.attention._sdpa_kernel", "torch.nn.attention._backend_from_string")
 
@@ -186,7 +188,9 @@ def apply_speed(pipe: Any, preset: Preset, device: str) -> SpeedReport:
         report.applied.append(f"attention={spec.attention_backend}")
     if spec.fuse_qkv:
         report.applied.append(f"fused_qkv x{fuse_qkv(transformer)}")
-    if spec.transformer_fp8 == "dynamic_row_plain":
+    if spec.transformer_fp8 in TORCHAO_FP8:
+        quantize_fp8(transformer, spec.transformer_fp8)
+    elif spec.transformer_fp8 == "dynamic_row_plain":
         from workers.fp8_linear import swap_to_fp8
 
         swap_to_fp8(_unwrap(transformer))
@@ -194,17 +198,15 @@ def apply_speed(pipe: Any, preset: Preset, device: str) -> SpeedReport:
             from workers.fp8_fusion import fuse_gelu_into_fp8
 
             report.applied.append(f"fp8_gelu_fusion x{fuse_gelu_into_fp8(_unwrap(transformer))}")
-    elif spec.transformer_fp8 != "none":
-        quantize_fp8(transformer, spec.transformer_fp8)
     if spec.transformer_fp8 != "none":
         report.applied.append(f"transformer_fp8={spec.transformer_fp8}")
     if spec.text_encoder_2_fp8 != "none" and getattr(pipe, "text_encoder_2", None) is not None:
-        if spec.text_encoder_2_fp8 == "weight_only_plain":
+        if spec.text_encoder_2_fp8 in TORCHAO_FP8:
+            quantize_fp8(pipe.text_encoder_2, spec.text_encoder_2_fp8)
+        else:  # weight_only_plain
             from workers.fp8_linear import Fp8WeightOnlyLinear, any_linear, swap_to_fp8
 
             swap_to_fp8(pipe.text_encoder_2, any_linear, Fp8WeightOnlyLinear)
-        else:
-            quantize_fp8(pipe.text_encoder_2, spec.text_encoder_2_fp8)
         report.applied.append(f"text_encoder_2_fp8={spec.text_encoder_2_fp8}")
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

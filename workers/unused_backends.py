@@ -17,13 +17,12 @@ import sys
 
 from fluxfleet.presets import Preset
 from workers.backends import backend_entry
+from workers.speed import TORCHAO_FP8
 
 logger = logging.getLogger(__name__)
 
 # Top-level packages that diffusers/transformers probe with find_spec and import only when present.
 OPTIONAL_PACKAGES = ("bitsandbytes", "torchao")
-# The [speed] fp8 schemes that workers.speed runs through torchao (the "_plain" ones do not).
-TORCHAO_FP8 = ("dynamic_row", "weight_only")
 
 
 def packages_needed(preset: Preset) -> set[str]:
