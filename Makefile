@@ -2,14 +2,13 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test lint bench-cpu clean
 
-venv: $(STAMP)
-
-$(STAMP): pyproject.toml scripts/bootstrap
-	PY=$(PY) VENV=$(VENV) scripts/bootstrap
+# Always run: the script looks for the system packages each time (a fraction of a second) and
+# reinstalls the virtualenv only when pyproject.toml is newer than its stamp.
+venv:
+	@PY=$(PY) VENV=$(VENV) scripts/bootstrap
 
 demo: venv
 	$(BIN)/fluxfleet demo
