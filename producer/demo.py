@@ -14,7 +14,8 @@ from fluxfleet.settings import Settings
 from producer.client import Client
 from producer.stack import LocalStack
 
-console = Console()
+# soft_wrap: paths and URLs stay on one line whatever the width, so they can be copied.
+console = Console(soft_wrap=True)
 
 
 def _stop_on_sigterm() -> None:

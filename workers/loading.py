@@ -65,8 +65,45 @@ def check_model_source(source: str) -> None:
             )
 
 
+# transformers says so once per image-processor class diffusers names, though a text-to-image pipeline
+# never builds one: the PIL fallback it takes is all FLUX needs.
+TORCHVISION_NOTICE = "requires torchvision (not installed)"
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """Keep the worker log to the worker's own lines: no progress bars, library warnings through logging.
+
+    A worker's stdout and stderr become ``WARNING celery.redirected`` lines, one per tqdm refresh; diffusers
+    and transformers write to stderr through handlers of their own. Their bars go off (and the hub's, for
+    downloads), and their records propagate to the worker's handler under their own logger names.
+    Call before importing diffusers' pipelines. Idempotent.
+    """
+    notices = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropNotice) for f in notices.filters):
+        notices.addFilter(_DropNotice(TORCHVISION_NOTICE))
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.disable_default_handler()
+        library.enable_propagation()
+
+
 def load_pipeline(preset: Preset, settings: Settings) -> LoadedPipeline:
     clock = StageClock()
+    quiet_libraries()
     import torch
     from diffusers import FluxPipeline
 
@@ -88,7 +125,8 @@ def load_pipeline(preset: Preset, settings: Settings) -> LoadedPipeline:
     try:
         # A directory written by `fluxfleet quantize` carries its quantization config: load it as saved.
         kwargs = {} if prequantized else pipeline_kwargs(preset, dtype, source)
-        pipe = FluxPipeline.from_pretrained(source, torch_dtype=dtype, **kwargs, **load_kwargs(placement, device))
+        pipe = FluxPipeline.from_pretrained(source, dtype=dtype, **kwargs, **load_kwargs(placement, device))
+        pipe.set_progress_bar_config(disable=True)  # before any call: the speed levers' warm-up runs it
         if not prequantized:
             after_load(pipe, preset, dtype)
     except FluxfleetError:
@@ -107,7 +145,6 @@ def load_pipeline(preset: Preset, settings: Settings) -> LoadedPipeline:
     speed = apply_speed(pipe, preset, device)  # the preset's [speed] levers; a no-op without them
     clock.mark("speed")
     stages = clock.stages
-    pipe.set_progress_bar_config(disable=True)
     # load_s leaves out imports and the CUDA initialisation (the plan stage): paid once per process
     load_s = sum(v for k, v in stages.items() if k not in ("imports", "plan"))
     logger.info(

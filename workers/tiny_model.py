@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import string
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,9 @@ def build_flux_pipeline(
     is made on the GPU in bfloat16); ``init_std`` redraws every weight from N(0, init_std) instead of the
     classes' own initialisation (which leaves some layers at zero).
     """
+    from workers.loading import quiet_libraries
+
+    quiet_libraries()  # no "Writing model shards" bars in the demo's output
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
@@ -265,10 +269,23 @@ def build_tiny_pipeline(directory: Path) -> Path:
     return build_flux_pipeline(directory, TINY)
 
 
-if __name__ == "__main__":
-    import sys
+def keep_quantization_packages_out() -> None:
+    """Make bitsandbytes and torchao look absent to diffusers and transformers in this process.
 
+    Building the model calls neither, and importing them printed their own notices ("Failed to load CPU
+    gemm_4bit_forward", torchao's "Failed to load ..._C_mxfp8...", "Detected no triton") into the demo's
+    output. Only for a process of its own: see workers.unused_backends.
+    """
+    from workers.unused_backends import OPTIONAL_PACKAGES
+
+    if "diffusers" not in sys.modules:
+        for package in OPTIONAL_PACKAGES:
+            sys.modules.setdefault(package, None)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    keep_quantization_packages_out()
     if len(sys.argv) != 2:
         sys.exit("usage: python -m workers.tiny_model DIRECTORY")
     build_tiny_pipeline(Path(sys.argv[1]))
