@@ -8,18 +8,38 @@ Usage::
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
-from fluxfleet.errors import ConfigurationError, UnknownPresetError
+from fluxfleet.errors import ConfigurationError, UnknownPresetError, ValidationError
 from fluxfleet.settings import GenerationDefaults, Settings
 
 PlacementPolicy = Literal["auto", "gpu", "balanced", "model_offload", "group_offload", "cpu"]
 QuantizationBackend = Literal["none", "bitsandbytes", "torchao", "quanto", "gguf", "layerwise"]
+
+PRESET_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+"""A preset name names a file and a queue: lower case (so no two names share a file on a case-insensitive
+disk), no '/' and no '..'."""
+
+
+def is_preset_name(name: object) -> bool:
+    return isinstance(name, str) and bool(PRESET_NAME_PATTERN.fullmatch(name)) and ".." not in name
+
+
+def check_preset_name(name: str) -> str:
+    """``name`` unchanged, or ``ValidationError`` if it is not a preset name (a path, say)."""
+    if not is_preset_name(name):
+        raise ValidationError(
+            f"preset name {name!r} is not allowed: use 1-64 lower-case letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '/' or '..'",
+            field="preset",
+        )
+    return name
 
 
 class QuantizationSpec(BaseModel):
@@ -158,6 +178,14 @@ class Preset(BaseModel):
     estimate: EstimateSpec = EstimateSpec()
     defaults: dict[str, Any] = Field(default_factory=dict, description="overrides of GenerationDefaults")
 
+    @field_validator("name")
+    @classmethod
+    def _is_a_name(cls, value: str) -> str:
+        # A TOML's own 'name' names the queue too.
+        if not is_preset_name(value):
+            raise ValueError(f"{value!r} is not a preset name (lower-case letters, digits, '.', '_', '-'; no '..')")
+        return value
+
     @model_validator(mode="after")
     def _graphable(self) -> Preset:
         if self.speed.cuda_graph:
@@ -179,11 +207,16 @@ class Preset(BaseModel):
 
 
 def preset_names(presets_dir: Path) -> list[str]:
-    return sorted(p.stem for p in presets_dir.glob("*.toml"))
+    """The presets in ``presets_dir``: its ``*.toml`` files whose stem is a preset name."""
+    return sorted(p.stem for p in presets_dir.glob("*.toml") if is_preset_name(p.stem))
 
 
 def load_preset(name: str, presets_dir: Path) -> Preset:
-    """Read ``<presets_dir>/<name>.toml``; an unknown name lists the known ones."""
+    """Read ``<presets_dir>/<name>.toml``; an unknown name, or one that is not a name (a path), lists the
+    known ones."""
+    # Checked before the name touches the file system: '../../tmp/evil' would load /tmp/evil.toml.
+    if not is_preset_name(name):
+        raise UnknownPresetError(str(name), preset_names(presets_dir))
     path = presets_dir / f"{name}.toml"
     if not path.is_file():
         raise UnknownPresetError(name, preset_names(presets_dir))

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 SCHEMA_VERSION = 1
+
+SEED_LIMIT = 2**64
+"""Seeds are 0..2^64-1: the range ``torch.Generator.manual_seed`` takes and keeps exactly."""
 
 
 class GenerationParams(BaseModel):
@@ -19,11 +22,12 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    max_sequence_length: int
+    # Strict: JSON ``true`` or ``"64"`` is refused instead of read as 1 or 64.
+    width: StrictInt
+    height: StrictInt
+    steps: StrictInt
+    guidance: float = Field(strict=True, allow_inf_nan=False)
+    max_sequence_length: StrictInt
 
     def batch_shape(self) -> tuple[int, int, int, float, int]:
         """Items with equal shapes can run in one pipeline call."""
@@ -37,7 +41,7 @@ class Item(BaseModel):
 
     index: int = Field(ge=0, description="position in the job")
     prompt: str
-    seed: int = Field(ge=0, lt=2**63)
+    seed: StrictInt = Field(ge=0, lt=SEED_LIMIT)
     params: GenerationParams
     key: str = Field(pattern=r"^[0-9a-f]{40}$", description="hash of the request; names the stored image")
     source: str = Field("", description="where the item came from, e.g. 'prompts.csv:12'")
@@ -63,6 +67,14 @@ class TaskPayload(BaseModel):
         from fluxfleet.keys import check_job_id
 
         return check_job_id(value)
+
+    @field_validator("preset")
+    @classmethod
+    def _preset_is_a_name(cls, value: str) -> str:
+        # The preset names a queue and a file: a message naming '../x' is refused by the worker too.
+        from fluxfleet.presets import check_preset_name
+
+        return check_preset_name(value)
 
 
 class Timings(BaseModel):

@@ -8,13 +8,15 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import ValidationError as PydanticValidationError
+
 from fluxfleet.errors import ValidationError
 from fluxfleet.keys import derive_seed, item_key
 from fluxfleet.presets import Preset
-from fluxfleet.schema import GenerationParams, Item, TaskPayload
+from fluxfleet.schema import SEED_LIMIT, GenerationParams, Item, TaskPayload
 from fluxfleet.settings import GenerationDefaults, LimitSettings
-from fluxfleet.validation import TokenCounter, validate_params, validate_prompt
-from producer.inputs import PromptSpec
+from fluxfleet.validation import TokenCounter, as_int, shown, validate_params, validate_prompt
+from producer.inputs import PromptSpec, coerce_overrides
 
 
 def build_items(
@@ -27,13 +29,17 @@ def build_items(
     job_seed: int = 0,
     images_per_prompt: int = 1,
 ) -> list[Item]:
-    """Every item of a job, validated; raises on the first bad one (nothing is enqueued)."""
+    """Every item of a job, validated; raises ``ValidationError`` naming the place and field of the
+    first bad one (nothing is enqueued)."""
     counter = TokenCounter(model)
+    base = defaults.model_dump()
     items: list[Item] = []
     for prompt_index, spec in enumerate(prompts):
         where = spec.source or f"prompt {prompt_index + 1}"
-        overrides = dict(spec.overrides)
-        count = int(overrides.pop("images_per_prompt", images_per_prompt))
+        # Overrides of a PromptSpec built in Python get the same checks as a file's.
+        overrides = coerce_overrides(spec.overrides, where)
+        count = overrides.pop("images_per_prompt", None)
+        count = as_int(images_per_prompt if count is None else count, where=where, field="images_per_prompt")
         if not 1 <= count <= limits.max_images_per_prompt:
             raise ValidationError(
                 f"images_per_prompt {count} is outside 1..{limits.max_images_per_prompt}",
@@ -41,19 +47,38 @@ def build_items(
                 field="images_per_prompt",
             )
         explicit_seed = overrides.pop("seed", None)
-        params = GenerationParams(**{**defaults.model_dump(), **overrides})
+        if explicit_seed is not None:
+            _check_seed_range(explicit_seed, count, where)
+        params = _params({**base, **overrides}, where)
         validate_params(params, limits, where)
         validate_prompt(spec.prompt, params.max_sequence_length, counter, where)
         for image_index in range(count):
             if explicit_seed is not None:
-                if not 0 <= explicit_seed < 2**63:
-                    raise ValidationError(f"seed {explicit_seed} is outside 0..2^63-1", where=where, field="seed")
                 seed = explicit_seed + image_index
             else:
                 seed = derive_seed(job_seed, prompt_index, image_index)
             key = item_key(model=model, preset=preset.name, prompt=spec.prompt, seed=seed, params=params)
             items.append(Item(index=len(items), prompt=spec.prompt, seed=seed, params=params, key=key, source=where))
     return items
+
+
+def _check_seed_range(seed: int, count: int, where: str) -> None:
+    """An explicit seed is the first of ``count`` consecutive seeds, all within 0..2^64-1."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValidationError(f"seed {shown(seed)} is outside 0..2^64-1", where=where, field="seed")
+    if seed + count - 1 >= SEED_LIMIT:
+        raise ValidationError(
+            f"seed {seed} with images_per_prompt {count} would use seeds past 2^64-1", where=where, field="seed"
+        )
+
+
+def _params(values: dict[str, Any], where: str) -> GenerationParams:
+    try:
+        return GenerationParams(**values)
+    except PydanticValidationError as e:
+        first = e.errors()[0]
+        name = ".".join(map(str, first["loc"]))
+        raise ValidationError(f"{shown(first.get('input'))}: {first['msg']}", where=where, field=name) from None
 
 
 def split_tasks(items: Sequence[Item], *, job_id: str, preset: Preset, model: str) -> list[TaskPayload]:

@@ -9,17 +9,23 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from fluxfleet.errors import ValidationError
 from fluxfleet.schema import Item
 
 
 def parameters_text(item: Item, preset: str, model: str) -> str:
+    """The ``parameters`` chunk's text. A NUL would end it early in PNG readers, so the producer and the
+    worker's checks refuse prompts with one; this refuses rather than write a text that reads back cut."""
     p = item.params
-    return (
+    text = (
         f"{item.prompt}\n"
         f"Steps: {p.steps}, Sampler: FlowMatchEuler, CFG scale: {p.guidance}, Seed: {item.seed}, "
         f"Size: {p.width}x{p.height}, Model: {model}, Preset: {preset}, "
         f"Max sequence length: {p.max_sequence_length}, Key: {item.key}"
     )
+    if "\x00" in text:
+        raise ValidationError("a NUL character cannot be stored in a PNG text chunk", where=item.source, field="prompt")
+    return text
 
 
 def encode_png(image: Any, item: Item, preset: str, model: str) -> tuple[bytes, str]:
