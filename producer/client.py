@@ -28,7 +28,7 @@ from fluxfleet.schema import Item, ItemFailure, ItemRecord, JobStatus, TaskPaylo
 from fluxfleet.settings import Settings
 from fluxfleet.storage import Storage, open_storage
 from producer.batching import build_items, new_job_id, split_tasks
-from producer.inputs import PromptSpec, read_prompts
+from producer.inputs import PromptSpec, prompt_specs, submit_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +39,8 @@ PromptsLike = Path | str | Sequence[str | PromptSpec | dict[str, Any]]
 
 
 def _prompt_specs(prompts: PromptsLike) -> list[PromptSpec]:
-    if isinstance(prompts, Path):
-        return read_prompts(prompts)
-    if isinstance(prompts, str):
-        return [PromptSpec(prompt=prompts)]
-    specs = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, PromptSpec):
-            specs.append(p)
-        elif isinstance(p, str):
-            specs.append(PromptSpec(prompt=p, source=f"prompt {i + 1}"))
-        else:
-            extra = {k: v for k, v in p.items() if k != "prompt"}
-            specs.append(PromptSpec(prompt=p.get("prompt", ""), overrides=extra, source=f"prompt {i + 1}"))
-    return specs
+    """Checked prompts (see ``producer.inputs.prompt_specs``): a file, one prompt, or a list."""
+    return prompt_specs(prompts)
 
 
 class Client:
@@ -87,17 +75,19 @@ class Client:
     ) -> Job:
         """Validate every item, record the job and enqueue its tasks; all or nothing.
 
-        ``params`` are job defaults: width, height, steps, guidance, max_sequence_length.
+        ``params`` are job defaults: width, height, steps, guidance, max_sequence_length (also as
+        diffusers' ``num_inference_steps`` and ``guidance_scale``); ``None`` keeps the preset's. An unknown
+        keyword, a value that is not exactly a number of its kind, or no prompts raise ``ValidationError``.
         """
-        if job_id is not None:
-            check_job_id(job_id)
+        seed, images_per_prompt, job_params = submit_arguments(
+            preset=preset, job_id=job_id, seed=seed, images_per_prompt=images_per_prompt, params=params
+        )
+        specs = _prompt_specs(prompts)
         chosen = self.preset(preset)
         model = chosen.model_source(self.settings)
-        defaults = effective_defaults(chosen, self.settings).model_copy(
-            update={k: v for k, v in params.items() if v is not None}
-        )
+        defaults = effective_defaults(chosen, self.settings).model_copy(update=job_params)
         items = build_items(
-            _prompt_specs(prompts),
+            specs,
             preset=chosen,
             model=model,
             defaults=defaults,
