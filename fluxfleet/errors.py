@@ -4,7 +4,8 @@
     ├── JobError            invalid input: fail the item, never retry
     │   ├── InputFileError      a prompts file line is malformed (names file, line, field)
     │   ├── ValidationError     a parameter is out of range
-    │   └── UnknownPresetError  no preset of that name (lists the known ones)
+    │   ├── UnknownPresetError  no preset of that name (lists the known ones)
+    │   └── UnknownJobError     no job of that id (a typo, or a job Redis and storage both lost)
     ├── TransientError      storage or broker hiccups, GPU out of memory: retry with backoff
     │   ├── StorageError
     │   └── BrokerUnavailable   Redis cannot be reached
@@ -52,6 +53,14 @@ class UnknownPresetError(JobError):
         self.name = name
         self.known = known
         super().__init__(f"unknown preset '{name}'; known presets: {', '.join(known) or '(none)'}")
+
+
+class UnknownJobError(JobError):
+    """Raised when a job id names no job: nothing was recorded under it."""
+
+    def __init__(self, job_id: str, detail: str = "") -> None:
+        self.job_id = job_id
+        super().__init__(f"no job '{job_id}'" + (f": {detail}" if detail else ""))
 
 
 class TransientError(FluxfleetError):

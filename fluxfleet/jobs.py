@@ -26,7 +26,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from fluxfleet.errors import BrokerUnavailable
+from fluxfleet.errors import BrokerUnavailable, FluxfleetError, UnknownJobError
 from fluxfleet.schema import ItemFailure, ItemRecord, JobState, JobStatus, TaskPayload
 from fluxfleet.settings import BrokerSettings
 
@@ -42,6 +42,22 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 if ARGV[3] == '1' then redis.call('SADD', KEYS[2], ARGV[1]) end
 return 1
 """
+
+# Cancel only a job that exists and is still running, in one script: a HSET on an unknown id would create a
+# half-written record, and one on a finished job would rewrite its outcome.
+# KEYS: job hash. ARGV: now. Returns the state before (cancelled only if 'submitting' or 'running'),
+# '' for a record without a state, nil for no job.
+CANCEL_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'submitting' or state == 'running' then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1])
+end
+return state or ''
+"""
+
+JOB_FIELDS = ("preset", "state", "total", "created_at")
+"""Fields every complete job record has (``create`` writes them in one transaction)."""
 
 PATIENT_RETRIES = 12
 """Reconnection attempts of a worker's Redis client (exponential backoff capped at 5 s: about 45 s)."""
@@ -75,6 +91,7 @@ class JobStore:
         self.r = client
         self.prefix = prefix
         self._record_done = client.register_script(RECORD_DONE_LUA)
+        self._cancel = client.register_script(CANCEL_LUA)
 
     @classmethod
     def from_settings(cls, broker: BrokerSettings, *, patient: bool = False) -> JobStore:
@@ -152,8 +169,17 @@ class JobStore:
             pipe.hsetnx(self._k(failure.job_id, "failed"), failure.key, failure.model_dump_json())
         pipe.execute()
 
-    def cancel(self, job_id: str) -> None:
-        self.r.hset(self._k(job_id), mapping={"state": "cancelled", "finished_at": time.time()})
+    def cancel(self, job_id: str) -> str:
+        """Cancel a submitting or running job; returns its state before (a finished job is left as it is).
+
+        Raises ``UnknownJobError`` for an id with no job, and writes nothing then.
+        """
+        before = self._cancel(keys=[self._k(job_id)], args=[time.time()])
+        if before is None:
+            raise UnknownJobError(job_id, "nothing to cancel (check the id with `fluxfleet status`)")
+        if not before:
+            raise FluxfleetError(self._incomplete(job_id, ["state"]))
+        return cast(str, before)
 
     def task_payloads(self, job_id: str) -> list[TaskPayload]:
         raw = cast(dict[str, str], self.r.hgetall(self._k(job_id, "tasks")))
@@ -287,12 +313,22 @@ class JobStore:
         replies = pipe.execute()
         return [self._status(job_id, *replies[5 * n : 5 * n + 5]) for n, job_id in enumerate(job_ids)]
 
-    @staticmethod
+    def _incomplete(self, job_id: str, missing: list[str]) -> str:
+        return (
+            f"job '{job_id}' has an incomplete record in Redis ({self._k(job_id)} lacks "
+            f"{', '.join(repr(f) for f in missing)}): it was never fully submitted; delete that key, "
+            "or submit under another --job-id"
+        )
+
     def _status(
-        job_id: str, meta: dict[str, str], done: int, skipped: int, failed: int, cancelled: int
+        self, job_id: str, meta: dict[str, str], done: int, skipped: int, failed: int, cancelled: int
     ) -> JobStatus | None:
+        """Raises ``FluxfleetError`` for a record without the fields ``create`` writes (never KeyError)."""
         if not meta:
             return None
+        missing = [f for f in JOB_FIELDS if f not in meta]
+        if missing:
+            raise FluxfleetError(self._incomplete(job_id, missing))
         finished_at = meta.get("finished_at")
         return JobStatus(
             job_id=job_id,

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fluxfleet.errors import ConfigurationError
+from fluxfleet.redaction import redact_url
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PRESETS_DIR = REPO_ROOT / "config" / "presets"
@@ -48,6 +49,10 @@ class BrokerSettings(BaseModel):
         if self.tls_ca_file is not None:
             options["ssl_ca_certs"] = str(self.tls_ca_file)
         return options
+
+    def display_url(self) -> str:
+        """The URL for messages and files: a password inside it masked (``password`` is never in it)."""
+        return redact_url(self.url)
 
     def url_with_password(self) -> str:
         """The broker URL with ``password`` spliced in (a password already in the URL wins)."""
@@ -139,6 +144,12 @@ class Settings(BaseSettings):
     model_dir: Path | None = Field(
         None, description="overrides every preset's model source (e.g. the tiny model's directory)"
     )
+
+    def secret_values(self) -> list[str]:
+        """The secrets these settings hold (for ``fluxfleet.redaction.redact``): never print these."""
+        values = [s.get_secret_value() for s in (self.broker.password, self.storage.secret_access_key) if s]
+        url_password = urlsplit(self.broker.url).password
+        return values + ([url_password] if url_password else [])
 
     def with_overrides(self, **dotted: Any) -> Settings:
         """A copy with ``section__field=value`` overrides from command-line flags (None is ignored).

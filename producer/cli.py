@@ -25,9 +25,46 @@ def _client() -> Client:
     return Client(Settings())
 
 
-def _fail(e: Exception, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {e}")
+def _plain(value: object) -> str:
+    """``value`` as text rich prints as it is: brackets in it are not read as markup ('[lost]' stays)."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
+def _fail(e: BaseException, code: int = 1, settings: Settings | None = None) -> typer.Exit:
+    """Print ``e`` as one sentence on stderr (secrets masked; a Redis failure names the broker and the
+    setting to check) and return the exit to raise."""
+    from fluxfleet.broker import broker_error, is_broker_failure
+    from fluxfleet.redaction import environment_secrets, redact
+
+    message = str(e)
+    try:
+        settings = settings or Settings()
+        if is_broker_failure(e):
+            message = str(broker_error(e, settings.broker))
+        secrets = [*environment_secrets(), *settings.secret_values()]
+    except Exception:  # settings that do not even load: mask what the environment marks as secret
+        secrets = environment_secrets()
+    err.print(f"[red]error:[/red] {_plain(redact(message, secrets))}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+class _Failures:
+    """``with _Failures():`` turns an expected failure (fluxfleet's errors, a timeout, Redis unreachable or
+    refusing the password) into ``_fail``'s sentence and exit 1; anything else is a bug and keeps its traceback."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings
+
+    def __enter__(self) -> _Failures:
+        return self
+
+    def __exit__(self, _type: type[BaseException] | None, e: BaseException | None, _tb: object) -> None:
+        from fluxfleet.broker import is_broker_failure
+
+        if isinstance(e, FluxfleetError | TimeoutError) or (isinstance(e, Exception) and is_broker_failure(e)):
+            raise _fail(e, settings=self.settings) from e
 
 
 def _status_dict(client: Client, job_id: str) -> dict[str, Any]:
@@ -52,11 +89,11 @@ def submit(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Validate a prompts file and enqueue it as one job."""
-    client = _client()
-    try:
+    with _Failures():
+        client = _client()
         if resume:
             tasks, items = client.resume_items(resume)
-            console.print(f"job {resume}: re-enqueued {items} missing item(s) in {tasks} task(s)")
+            console.print(_plain(f"job {resume}: re-enqueued {items} missing item(s) in {tasks} task(s)"))
             job_id = resume
         else:
             if prompts is None or preset is None:
@@ -80,16 +117,18 @@ def submit(
                 print(json.dumps({"job_id": job.id, "total": status.total, "already_submitted": job.already_submitted}))
             elif job.already_submitted:
                 console.print(
-                    f"job {job.id} was already submitted ({status.state}, "
-                    f"{status.finished}/{status.total}); nothing enqueued"
+                    _plain(
+                        f"job {job.id} was already submitted ({status.state}, "
+                        f"{status.finished}/{status.total}); nothing enqueued"
+                    )
                 )
             else:
-                console.print(f"submitted job {job.id}: {status.total} images in {time.perf_counter() - started:.2f} s")
+                took = time.perf_counter() - started
+                console.print(_plain(f"submitted job {job.id}: {status.total} images in {took:.2f} s"))
         if wait:
+            # Waits out a Redis restart (the workers survive one too) for a bounded time; see Job.wait.
             final = client.job(job_id).wait(progress=not as_json)
             _print_summary(client, job_id, final.model_dump())
-    except FluxfleetError as e:
-        raise _fail(e) from e
 
 
 def _print_summary(client: Client, job_id: str, status: dict[str, Any]) -> None:
@@ -97,8 +136,10 @@ def _print_summary(client: Client, job_id: str, status: dict[str, Any]) -> None:
     elapsed = (status.get("finished_at") or time.time()) - status["created_at"]
     generated = [r for r in records if not r.skipped]
     console.print(
-        f"job {job_id}: {status['state']} — {status['done']} images ({status['skipped']} already stored), "
-        f"{status['failed']} failed, {status['cancelled']} cancelled"
+        _plain(
+            f"job {job_id}: {status['state']} — {status['done']} images ({status['skipped']} already stored), "
+            f"{status['failed']} failed, {status['cancelled']} cancelled"
+        )
     )
     if generated and elapsed > 0:
         per_image = sum(r.timings.generate_s for r in generated) / len(generated)
@@ -106,65 +147,67 @@ def _print_summary(client: Client, job_id: str, status: dict[str, Any]) -> None:
             f"  {len(generated) / elapsed:.2f} images/s over {elapsed:.1f} s; "
             f"{per_image:.3f} s per image in the pipeline"
         )
-    console.print(f"  manifest: {client.job(job_id).manifest_location()}")
+    console.print(f"  manifest: {_plain(client.job(job_id).manifest_location())}")
     if records:
         first = records[0].location
         images_dir = Path(first).parent.parent if first.startswith("/") else first.rsplit("/", 2)[0]
-        console.print(f"  images:   {images_dir}")
+        console.print(f"  images:   {_plain(images_dir)}")
 
 
 @app.command()
 def status(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Progress of a job, from fluxfleet's own records."""
-    try:
+    with _Failures():
         data = _status_dict(_client(), job_id)
-    except FluxfleetError as e:
-        raise _fail(e) from e
     if as_json:
         print(json.dumps(data))
         return
+    missing = f", {data['missing']} missing" if data.get("missing") else ""
     console.print(
-        f"job {job_id} [{data['state']}]: {data['finished']}/{data['total']} finished — "
-        f"{data['done']} done ({data['skipped']} already stored), {data['failed']} failed, "
-        f"{data['cancelled']} cancelled"
+        _plain(
+            f"job {job_id} [{data['state']}]: {data['finished']}/{data['total']} finished — "
+            f"{data['done']} done ({data['skipped']} already stored), {data['failed']} failed, "
+            f"{data['cancelled']} cancelled{missing}"
+        )
     )
 
 
 @app.command()
 def wait(job_id: str, timeout: float | None = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Wait for a job with a progress bar; exits 1 if any item failed."""
-    client = _client()
-    try:
+    with _Failures():
+        client = _client()
         final = client.job(job_id).wait(progress=not as_json, timeout=timeout)
-    except (FluxfleetError, TimeoutError) as e:
-        raise _fail(e) from e
-    if as_json:
-        print(final.model_dump_json())
-    else:
-        _print_summary(client, job_id, final.model_dump())
+        if as_json:
+            print(final.model_dump_json())
+        else:
+            _print_summary(client, job_id, final.model_dump())
     if final.failed:
         raise typer.Exit(1)
 
 
 @app.command()
 def cancel(job_id: str) -> None:
-    """Cancel a job: queued items are not generated; finished ones stay."""
-    try:
+    """Cancel a job: queued items are not generated; finished ones stay. A finished job is left as it is."""
+    with _Failures():
         status = _client().job(job_id).cancel()
-    except FluxfleetError as e:
-        raise _fail(e) from e
-    console.print(f"job {job_id} cancelled ({status.finished}/{status.total} finished)")
+    progress = f"{status.finished}/{status.total} finished"
+    if status.state == "cancelled":
+        console.print(_plain(f"job {job_id} cancelled ({progress})"))
+    else:
+        console.print(_plain(f"job {job_id} is already {status.state} ({progress}); nothing to cancel"))
 
 
 @app.command()
 def results(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = True) -> None:
     """The job's manifest lines (one JSON object per stored image) and failures."""
-    client = _client()
-    job = client.job(job_id)
-    for record in job.results():
+    with _Failures():
+        job = _client().job(job_id)
+        records, failures = job.results(), job.failures()  # an unknown job is an error, not empty output
+    for record in records:
         print(record.model_dump_json())
-    for failure in job.failures():
-        err.print(f"failed: item {failure.index} ({failure.key}): {failure.reason}")
+    for failure in failures:
+        err.print(_plain(f"failed: item {failure.index} ({failure.key}): {failure.reason}"), highlight=False)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -18,8 +18,10 @@ from rich.table import Table
 
 from fluxfleet.errors import FluxfleetError
 from fluxfleet.presets import load_preset
+from fluxfleet.redaction import redact
 from fluxfleet.settings import Settings, check_time_limits
-from producer.cli import app, console, err
+from producer.cli import _fail, _plain, app, console, err
+from producer.extras import needs_extra
 from producer.up import BROKER_ENV, Fleet, group_gpus, plan_workers, select_gpus, shutdown_grace, tail
 
 POLL_S = 0.5
@@ -31,6 +33,7 @@ class Device(enum.StrEnum):
 
 
 @app.command()
+@needs_extra("worker")
 def up(
     preset: Annotated[str, typer.Option(help="worker preset; see `fluxfleet presets`")],
     gpus: Annotated[str, typer.Option(help="'all' (nvidia-smi or CUDA_VISIBLE_DEVICES) or indices: 0,1")] = "all",
@@ -58,9 +61,16 @@ def up(
             groups = group_gpus(select_gpus(gpus), gpus_per_worker)
             specs = plan_workers(gpu_groups=groups, metrics_base_port=metrics_base_port)
     except FluxfleetError as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
-    fleet = Fleet(preset, specs, state_dir=state_dir, redis_port=None if BROKER_ENV in os.environ else redis_port)
+        raise _fail(e, 2) from e
+    password = settings.broker.password
+    fleet = Fleet(
+        preset,
+        specs,
+        state_dir=state_dir,
+        redis_port=None if BROKER_ENV in os.environ else redis_port,
+        # A password set without a broker URL protects the Redis started here: `requirepass`.
+        redis_password=password.get_secret_value() if password else None,
+    )
     grace_s = grace or shutdown_grace(settings.worker.task_time_limit_s)
     raise typer.Exit(supervise(fleet, grace=grace_s, ready_timeout=ready_timeout))
 
@@ -80,20 +90,22 @@ def supervise(fleet: Fleet, *, grace: float, ready_timeout: float) -> int:
     try:
         if fleet.redis_port is not None:
             redis = fleet.start_redis()
-            console.print(f"redis-server (AOF on) at {redis.url}; data in {redis.directory}")
-            console.print(f"  producers on this host: export {BROKER_ENV}={redis.url}")
+            auth = ", password required" if fleet.redis_password else ""
+            console.print(_plain(f"redis-server (AOF on{auth}) at {redis.url}; data in {redis.directory}"))
+            also = f" (and {BROKER_ENV.replace('URL', 'PASSWORD')})" if fleet.redis_password else ""
+            console.print(_plain(f"  producers on this host: export {BROKER_ENV}={redis.url}{also}"))
         else:
-            console.print(f"broker: {fleet.broker_url} (from {BROKER_ENV})")
+            console.print(_plain(f"broker: {fleet.broker_url} (from {BROKER_ENV})"))
         fleet.start_workers()
         console.print(workers_table(fleet))
         code = watch(fleet, stop, ready_timeout)
     except (FluxfleetError, RuntimeError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        _fail(e)
         code = 1
     finally:
         console.print(f"stopping {len(fleet.workers)} worker(s) (grace {grace:.0f} s; Ctrl-C again kills)")
         codes = fleet.stop(grace)
-        console.print("stopped: " + ", ".join(f"{name} exit {rc}" for name, rc in codes.items()))
+        console.print(_plain("stopped: " + ", ".join(f"{name} exit {rc}" for name, rc in codes.items())))
         for s, handler in previous.items():
             signal.signal(s, handler)
     return code
@@ -108,17 +120,17 @@ def watch(fleet: Fleet, stop: threading.Event, ready_timeout: float) -> int:
         for worker in fleet.workers:
             if worker.spec.name not in ready and worker.ready:
                 ready.add(worker.spec.name)
-                console.print(f"worker {worker.spec.name} ready")
+                console.print(_plain(f"worker {worker.spec.name} ready"))
                 if len(ready) == len(fleet.workers):
                     console.print(f"all {len(ready)} workers ready")
         for worker in fleet.newly_exited():
-            err.print(f"[red]worker {worker.spec.name} exited with code {worker.returncode}[/red]; log tail:")
-            err.print(tail(worker), markup=False, highlight=False)
+            err.print(f"[red]worker {_plain(worker.spec.name)} exited with code {worker.returncode}[/red]; log tail:")
+            err.print(redact(tail(worker)), markup=False, highlight=False)
         if all(w.returncode is not None for w in fleet.workers):
             err.print("[red]every worker has exited[/red]")
             return 1
         if fleet.redis and fleet.redis.process and fleet.redis.process.poll() is not None:
-            err.print(f"[red]redis-server exited[/red]; see {fleet.redis.directory / 'redis.log'}")
+            err.print(f"[red]redis-server exited[/red]; see {_plain(fleet.redis.directory / 'redis.log')}")
             return 1
         if waited > ready_timeout and len(ready) < len(fleet.workers):
             err.print(f"[yellow]workers not ready after {ready_timeout:.0f} s[/yellow]")
@@ -127,11 +139,11 @@ def watch(fleet: Fleet, stop: threading.Event, ready_timeout: float) -> int:
 
 
 def workers_table(fleet: Fleet) -> Table:
-    table = Table("worker", "pinned to", "metrics port", "pid", caption=f"logs: {fleet.state_dir / 'logs'}")
+    table = Table("worker", "pinned to", "metrics port", "pid", caption=_plain(f"logs: {fleet.state_dir / 'logs'}"))
     for w in fleet.workers:
         table.add_row(
-            w.spec.name,
-            f"GPU {w.spec.gpu}" if w.spec.gpu is not None else "cpu",
+            _plain(w.spec.name),
+            _plain(f"GPU {w.spec.gpu}") if w.spec.gpu is not None else "cpu",
             str(w.spec.metrics_port or "-"),
             str(w.process.pid if w.process else "-"),
         )

@@ -18,8 +18,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import redis
+
+from fluxfleet.broker import broker_error
 from fluxfleet.celery_config import make_celery
-from fluxfleet.errors import BrokerUnavailable, FluxfleetError, ValidationError
+from fluxfleet.errors import BrokerUnavailable, FluxfleetError, UnknownJobError, ValidationError
 from fluxfleet.jobs import JobStore
 from fluxfleet.keys import TASK_GENERATE, check_job_id, job_spec_key, manifest_key, queue_name
 from fluxfleet.manifest import write_manifest
@@ -281,13 +284,27 @@ class Job:
         return status
 
     def cancel(self) -> JobStatus:
-        self.client.jobs.cancel(self.id)
+        """Cancel the job: queued items are not generated, finished ones stay. A finished job (or one Redis
+        lost) is left as it is; the status says which. ``UnknownJobError`` for an id with no job."""
+        try:
+            self.client.jobs.cancel(self.id)
+        except UnknownJobError as unknown:
+            # Redis may have lost a job that storage still knows: then it is 'lost', with nothing queued.
+            try:
+                return self.client.status_from_storage(self.id)
+            except FluxfleetError:
+                raise unknown from None
         return self.status()
 
-    def wait(self, *, progress: bool = False, timeout: float | None = None, poll_s: float = 0.5) -> JobStatus:
-        """Block until every item has an outcome (or the job is cancelled); optional progress bar."""
+    def wait(
+        self, *, progress: bool = False, timeout: float | None = None, poll_s: float = 0.5, patience_s: float = 60.0
+    ) -> JobStatus:
+        """Block until every item has an outcome (or the job is cancelled); optional progress bar.
+
+        A Redis outage after the first read (a restart) is retried for ``patience_s`` seconds; then, or at once
+        for refused credentials, ``BrokerUnavailable`` names the broker and the setting to check."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        status = self.status()
+        status = self.status()  # an unknown job or an unreachable Redis fails here, at once
         bar = None
         if progress:
             from rich.progress import (
@@ -311,9 +328,23 @@ class Job:
             bar_task = bar.add_task("images", total=status.total, rate="")
         started = time.monotonic()
         settled_by: float | None = None
+        unreachable_since: float | None = None
         try:
             while True:
-                status = self.status()
+                try:
+                    status = self.status()
+                    unreachable_since = None
+                except (redis.ConnectionError, redis.TimeoutError) as e:
+                    problem = broker_error(e, self.client.settings.broker)
+                    if unreachable_since is None:
+                        unreachable_since = time.monotonic()
+                        logger.warning("job %s: %s; retrying for up to %.0f s", self.id, problem, patience_s)
+                    if isinstance(e, redis.AuthenticationError) or time.monotonic() - unreachable_since > patience_s:
+                        raise problem from e
+                    if bar is not None:
+                        bar.update(bar_task, rate="Redis unreachable, retrying")
+                    time.sleep(poll_s)
+                    continue
                 if bar is not None:
                     elapsed = max(time.monotonic() - started, 1e-6)
                     bar.update(bar_task, completed=status.finished, rate=f"{status.done / elapsed:.2f} img/s")
@@ -332,8 +363,16 @@ class Job:
                 bar.stop()
 
     def results(self) -> list[ItemRecord]:
-        """One record per stored image, sorted by item index (the manifest's lines)."""
-        return self.client.jobs.records(self.id)
+        """One record per stored image, sorted by item index (the manifest's lines); from storage for a job
+        Redis lost. ``UnknownJobError`` for an id with no job."""
+        records = self.client.jobs.records(self.id)
+        if records or self.client.jobs.exists(self.id):
+            return records
+        try:
+            _spec, stored, _failures = self.client.stored_outcomes(self.id)
+        except FluxfleetError as e:
+            raise UnknownJobError(self.id, "not in Redis, and no job.json in storage") from e
+        return sorted(stored, key=lambda r: r.index)
 
     def failures(self) -> list[ItemFailure]:
         return self.client.jobs.failures(self.id)

@@ -38,6 +38,11 @@ def redis_server_binary() -> str:
     return found
 
 
+def config_string(value: str) -> str:
+    """``value`` as a double-quoted redis.conf argument, every byte hex-escaped (any password survives)."""
+    return '"' + "".join(f"\\x{b:02x}" for b in value.encode()) + '"'
+
+
 class RedisServer:
     """A private redis-server on a free loopback port; ``appendonly`` keeps queued work across restarts."""
 
@@ -82,7 +87,9 @@ class RedisServer:
             str(self.directory),
         ]
         if self.password:
-            args += ["--requirepass", self.password]
+            # The password goes in through stdin ('-': read config from stdin), never on the command line,
+            # where `ps` shows it to every user of the host, nor in a config file left in the data dir.
+            args.insert(1, "-")
         tls: dict[str, Any] = {}
         if self.tls_dir:
             args[args.index("--port") + 1] = "0"
@@ -93,7 +100,16 @@ class RedisServer:
             tls = {"ssl_ca_certs": str(self.tls_dir / "ca.crt")}
         self.directory.mkdir(parents=True, exist_ok=True)
         log = open(self.directory / "redis.log", "ab")  # noqa: SIM115 - closed with the process
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE if self.password else subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        if self.password and self.process.stdin is not None:
+            self.process.stdin.write(f"requirepass {config_string(self.password)}\n".encode())
+            self.process.stdin.close()
         client = redis.Redis(
             port=self.port, password=self.password, socket_connect_timeout=0.5, ssl=bool(self.tls_dir), **tls
         )

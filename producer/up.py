@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fluxfleet.errors import ConfigurationError
+from fluxfleet.redaction import redact, redact_url
 from producer.stack import RedisServer, WorkerProcess
 
 logger = logging.getLogger(__name__)
@@ -217,19 +218,24 @@ class Fleet:
         state_dir: Path,
         env: dict[str, str] | None = None,
         redis_port: int | None = None,
+        redis_password: str | None = None,
     ) -> None:
+        """``redis_password``: the local Redis requires it (the workers read it from the environment)."""
         self.preset = preset
         self.specs = specs
         self.state_dir = state_dir.resolve()
         self.env = dict(env or {})
         self.redis_port = redis_port
+        self.redis_password = redis_password
         self.redis: RedisServer | None = None
         self.workers: list[FleetWorker] = []
         self.kill_now = threading.Event()
 
     @property
     def broker_url(self) -> str | None:
-        return self.redis.url if self.redis else self.env.get(BROKER_ENV, os.environ.get(BROKER_ENV))
+        """The broker's URL for messages and ``fleet.json``: a password in it is masked."""
+        url = self.redis.url if self.redis else self.env.get(BROKER_ENV, os.environ.get(BROKER_ENV))
+        return None if url is None else redact_url(url)
 
     def start_redis(self) -> RedisServer:
         if self.redis_port and port_in_use(self.redis_port):
@@ -237,7 +243,12 @@ class Fleet:
                 f"port {self.redis_port} is in use (a Redis already running?): set "
                 f"{BROKER_ENV}=redis://127.0.0.1:{self.redis_port}/0 to use it, or pass --redis-port"
             )
-        self.redis = RedisServer(port=self.redis_port or None, appendonly=True, directory=self.state_dir / "redis")
+        self.redis = RedisServer(
+            port=self.redis_port or None,
+            appendonly=True,
+            directory=self.state_dir / "redis",
+            password=self.redis_password,
+        )
         self.redis.start()
         self.env[BROKER_ENV] = self.redis.url
         return self.redis
@@ -268,7 +279,8 @@ class Fleet:
                 for w in self.workers
             ],
         }
-        (self.state_dir / "fleet.json").write_text(json.dumps(state, indent=2))
+        # No secret belongs here (the URL is masked); redact catches one that slipped into a path or env.
+        (self.state_dir / "fleet.json").write_text(redact(json.dumps(state, indent=2)))
 
     def wait_ready(self, timeout: float, workers: list[FleetWorker] | None = None) -> None:
         """Until every worker has written its ready file; a worker that exits first is an error."""
