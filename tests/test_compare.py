@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from producer.cli import app
-from producer.cli_compare import psnr, ssim
+from producer.imagecompare import psnr, ssim
 
 runner = CliRunner()
 
