@@ -19,11 +19,11 @@ AUTH_SIGNS = ("NOAUTH", "WRONGPASS", "invalid password", "invalid username-passw
 
 
 def is_broker_failure(e: BaseException) -> bool:
-    """Whether ``e`` (or what caused it) is a failure to talk to Redis: redis-py's errors, kombu's
-    ``OperationalError`` (publishing), and ``BrokerUnavailable``."""
+    """Whether ``e`` or what caused it is a failure to talk to Redis: one of redis-py's errors, or kombu's
+    ``OperationalError`` (publishing). A ``BrokerUnavailable`` caused by something else (storage) is not."""
     seen: BaseException | None = e
     while seen is not None:
-        if isinstance(seen, redis.RedisError | BrokerUnavailable) or type(seen).__name__ == "OperationalError":
+        if isinstance(seen, redis.RedisError) or type(seen).__name__ == "OperationalError":
             return True
         seen = seen.__cause__
     return False

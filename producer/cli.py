@@ -67,6 +67,9 @@ class _Failures:
             raise _fail(e, settings=self.settings) from e
 
 
+PATIENCE_HELP = "seconds a wait keeps retrying through a Redis outage (a restart) before it gives up"
+
+
 def _status_dict(client: Client, job_id: str) -> dict[str, Any]:
     status = client.job(job_id).status()
     return {**status.model_dump(), "finished": status.finished}
@@ -87,6 +90,7 @@ def submit(
     resume: Annotated[str | None, typer.Option(help="re-enqueue the missing items of this job")] = None,
     wait: Annotated[bool, typer.Option(help="wait with a progress bar")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    broker_patience: Annotated[float, typer.Option(help=PATIENCE_HELP)] = 60.0,
 ) -> None:
     """Validate a prompts file and enqueue it as one job."""
     with _Failures():
@@ -127,7 +131,7 @@ def submit(
                 console.print(_plain(f"submitted job {job.id}: {status.total} images in {took:.2f} s"))
         if wait:
             # Waits out a Redis restart (the workers survive one too) for a bounded time; see Job.wait.
-            final = client.job(job_id).wait(progress=not as_json)
+            final = client.job(job_id).wait(progress=not as_json, patience_s=broker_patience)
             _print_summary(client, job_id, final.model_dump())
 
 
@@ -173,11 +177,16 @@ def status(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False
 
 
 @app.command()
-def wait(job_id: str, timeout: float | None = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def wait(
+    job_id: str,
+    timeout: float | None = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    broker_patience: Annotated[float, typer.Option(help=PATIENCE_HELP)] = 60.0,
+) -> None:
     """Wait for a job with a progress bar; exits 1 if any item failed."""
     with _Failures():
         client = _client()
-        final = client.job(job_id).wait(progress=not as_json, timeout=timeout)
+        final = client.job(job_id).wait(progress=not as_json, timeout=timeout, patience_s=broker_patience)
         if as_json:
             print(final.model_dump_json())
         else:
