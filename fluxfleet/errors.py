@@ -9,6 +9,8 @@
     ├── TransientError      storage or broker hiccups, GPU out of memory: retry with backoff
     │   ├── StorageError
     │   └── BrokerUnavailable   Redis cannot be reached
+    ├── PermanentStorageError   storage refuses for good (no space, read-only, a link, access denied,
+    │                           no such bucket): fail the item at once with the reason, never retry
     └── WorkerError         the worker cannot serve: stop taking work
         ├── ConfigurationError  settings that contradict each other
         ├── ModelLoadError      the preset's model cannot be loaded
@@ -69,6 +71,15 @@ class TransientError(FluxfleetError):
 
 class StorageError(TransientError):
     """Raised when the object store fails or cannot be reached."""
+
+
+class PermanentStorageError(FluxfleetError):
+    """Raised when storage refuses an operation for a reason retrying cannot fix.
+
+    No space left, a read-only file system, a key or a symbolic link that leads outside the storage
+    root, missing or wrong credentials, a bucket that does not exist. The message names the path or
+    object and the cause; ``fluxfleet.retry`` decides which faults are permanent.
+    """
 
 
 class BrokerUnavailable(TransientError):

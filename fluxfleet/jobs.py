@@ -59,6 +59,18 @@ return state or ''
 JOB_FIELDS = ("preset", "state", "total", "created_at")
 """Fields every complete job record has (``create`` writes them in one transaction)."""
 
+# Delete every key of a job, only if its state is 'aborted' (a submit that failed half-way), in one
+# script so a job that another submit has meanwhile recorded is never touched.
+# KEYS: the job hash, then its other parts.
+CLEAR_ABORTED_LUA = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'aborted' then return 0 end
+redis.call('DEL', unpack(KEYS))
+return 1
+"""
+
+JOB_PARTS = ("", "tasks", "done", "skipped", "failed", "cancelled", "starts", "ends")
+"""Suffixes of a job's keys (see the module docstring)."""
+
 PATIENT_RETRIES = 12
 """Reconnection attempts of a worker's Redis client (exponential backoff capped at 5 s: about 45 s)."""
 
@@ -261,7 +273,20 @@ class JobStore:
         return bool(self._record_done(keys=args[:2], args=args[2:]))
 
     def record_failed(self, failure: ItemFailure) -> None:
-        self.r.hsetnx(self._k(failure.job_id, "failed"), failure.key, failure.model_dump_json())
+        self.record_failures([failure])
+
+    def record_failures(self, failures: Iterable[ItemFailure]) -> None:
+        """Record failed items in one round trip; an item's first failure stays (HSETNX)."""
+        pipe = self.r.pipeline(transaction=False)
+        for failure in failures:
+            pipe.hsetnx(self._k(failure.job_id, "failed"), failure.key, failure.model_dump_json())
+        pipe.execute()
+
+    def clear_aborted(self, job_id: str) -> bool:
+        """Delete an aborted job's records so its id can be submitted again; False (and nothing
+        deleted) unless the job's state is 'aborted'."""
+        keys = [self._k(job_id, part) for part in JOB_PARTS]
+        return bool(self.r.eval(CLEAR_ABORTED_LUA, len(keys), *keys))
 
     def record_cancelled(self, job_id: str, item_keys: Iterable[str]) -> None:
         keys = list(item_keys)

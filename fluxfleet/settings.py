@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fluxfleet.errors import ConfigurationError
@@ -41,12 +41,23 @@ class BrokerSettings(BaseModel):
         None, description="CA bundle that signed the Redis server's certificate (rediss://); system CAs when unset"
     )
 
+    @field_validator("tls_ca_file", mode="before")
+    @classmethod
+    def _empty_ca_file_is_unset(cls, value: Any) -> Any:
+        # An empty FLUXFLEET_BROKER__TLS_CA_FILE (a template's blank line) means unset, not Path("") == ".".
+        return None if isinstance(value, str) and not value.strip() else value
+
     def tls_options(self) -> dict[str, Any]:
         """Certificate checks for ``rediss://`` (always verified), as redis-py and kombu name them."""
         if not self.url.startswith("rediss://"):
             return {}
         options: dict[str, Any] = {"ssl_cert_reqs": "required"}
         if self.tls_ca_file is not None:
+            if not self.tls_ca_file.is_file():
+                raise ConfigurationError(
+                    f"FLUXFLEET_BROKER__TLS_CA_FILE ({self.tls_ca_file}) is not a file; name the CA bundle "
+                    "(PEM) that signed the Redis server's certificate, or unset it to use the system CAs"
+                )
             options["ssl_ca_certs"] = str(self.tls_ca_file)
         return options
 

@@ -22,7 +22,14 @@ import redis
 
 from fluxfleet.broker import broker_error
 from fluxfleet.celery_config import make_celery
-from fluxfleet.errors import BrokerUnavailable, FluxfleetError, UnknownJobError, ValidationError
+from fluxfleet.errors import (
+    BrokerUnavailable,
+    FluxfleetError,
+    PermanentStorageError,
+    StorageError,
+    UnknownJobError,
+    ValidationError,
+)
 from fluxfleet.jobs import JobStore
 from fluxfleet.keys import TASK_GENERATE, check_job_id, job_spec_key, manifest_key, queue_name
 from fluxfleet.manifest import write_manifest
@@ -101,13 +108,17 @@ class Client:
         self._check_limits(items)
         job_id = job_id or new_job_id()
         self.jobs.ping()
-        if self.jobs.exists(job_id):
-            logger.info("job %s was already submitted; nothing enqueued", job_id)
-            job = Job(self, job_id)
-            job.already_submitted = True
-            return job
+        # An 'aborted' job is a submit that failed half-way: its id may be submitted again.
+        aborted = self.jobs.exists(job_id) and self.jobs.state(job_id) == "aborted"
+        if self.jobs.exists(job_id) and not aborted:
+            return self._already_submitted(job_id)
         tasks = split_tasks(items, job_id=job_id, preset=chosen, model=model)
         encoded = self._check_payload_sizes(tasks)
+        # Storage before Redis: a job is recorded only once its results have somewhere to go, so an
+        # unusable store leaves no record that would block the same command once the store is fixed.
+        self._check_storage(job_id)
+        if aborted and not self.jobs.clear_aborted(job_id):
+            return self._already_submitted(job_id)  # another submit of this id got there first
         try:
             self.jobs.create(job_id=job_id, preset=chosen.name, model=model, tasks=tasks, encoded=encoded)
         except Exception as e:
@@ -118,11 +129,26 @@ class Client:
             self.storage.put(job_spec_key(job_id), json.dumps(spec).encode(), "application/json")
             self._publish(tasks, chosen.name)
         except Exception as e:
-            # Already-published tasks see the 'aborted' state and generate nothing.
+            # Already-published tasks see the 'aborted' state and generate nothing; the id stays free.
             self._safely_abort(job_id)
+            if isinstance(e, StorageError | PermanentStorageError):
+                raise type(e)(f"job {job_id} not submitted: {e}") from e
             raise BrokerUnavailable(f"job {job_id} not submitted: {e}") from e
         self.jobs.set_state(job_id, "running")
         return Job(self, job_id)
+
+    def _already_submitted(self, job_id: str) -> Job:
+        logger.info("job %s was already submitted; nothing enqueued", job_id)
+        job = Job(self, job_id)
+        job.already_submitted = True
+        return job
+
+    def _check_storage(self, job_id: str) -> None:
+        """Raise the storage's error, naming the job, unless the store can be written."""
+        try:
+            self.storage.check()
+        except (StorageError, PermanentStorageError) as e:
+            raise type(e)(f"job {job_id} not submitted, nothing recorded: storage is not usable: {e}") from e
 
     def _check_limits(self, items: list[Item]) -> None:
         limits = self.settings.limits

@@ -19,8 +19,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
 from celery.worker.consumer import Consumer
 
+from fluxfleet import retry
 from fluxfleet.celery_config import make_celery
-from fluxfleet.errors import FluxfleetError, StorageError, TransientError
+from fluxfleet.errors import BrokerUnavailable, FluxfleetError, PermanentStorageError, StorageError, TransientError
 from fluxfleet.jobs import JobStore
 from fluxfleet.keys import TASK_GENERATE
 from fluxfleet.presets import Preset, effective_defaults
@@ -31,8 +32,6 @@ from workers.metrics import retry_reason
 from workers.timeouts import request_class
 
 logger = logging.getLogger(__name__)
-
-RETRY_BACKOFF_S = (2, 5, 15, 30, 60)
 
 
 class Runtime:
@@ -164,7 +163,7 @@ def build_app(settings: Settings, preset: Preset, engine_factory: Any = start_en
         if task is None:
             return {"rejected": True}
         try:
-            outcome = runtime.engine.run(task)
+            outcome = runtime.engine.run(task, retries=self.request.retries)
         except SoftTimeLimitExceeded:
             # Normally the engine stops between denoising steps first; this is the backstop.
             limit = settings.worker.task_soft_time_limit_s
@@ -173,14 +172,23 @@ def build_app(settings: Settings, preset: Preset, engine_factory: Any = start_en
             )
             logger.error("task %s hit the soft time limit; %d unfinished items failed", task.task_id, failed)
             return {"generated": 0, "skipped": 0, "failed": failed}
-        except (TransientError, OSError) as e:
+        except (TransientError, PermanentStorageError, OSError) as e:
+            # The one retry policy (fluxfleet.retry): a permanent fault or the last attempt fails every
+            # unfinished item with the reason, so the job still ends; anything else comes back later.
             retries = self.request.retries
-            if retries >= len(RETRY_BACKOFF_S):
-                raise
+            if retry.is_permanent(e) or retries >= retry.TASK_RETRIES:
+                reason = str(e) if retry.is_permanent(e) else retry.gave_up_reason(e, retries + 1)
+                label = "error" if isinstance(e, BrokerUnavailable) else "storage"
+                failed = runtime.engine.fail_unfinished(task, reason, label)
+                logger.error("task %s: %d unfinished items failed: %s", task.task_id, failed, reason)
+                return {"generated": 0, "skipped": 0, "failed": failed}
             error = e if isinstance(e, TransientError) else StorageError(str(e))
-            logger.warning("task %s: %s; retry %d", task.task_id, error, retries + 1)
+            countdown = retry.countdown(retries, settings.broker.visibility_timeout_s)
+            logger.warning(
+                "task %s: %s; retry %d of %d in %g s", task.task_id, error, retries + 1, retry.TASK_RETRIES, countdown
+            )
             runtime.engine.observer.task_retry(retry_reason(error))
-            raise self.retry(exc=error, countdown=RETRY_BACKOFF_S[retries]) from e
+            raise self.retry(exc=error, countdown=countdown, max_retries=retry.TASK_RETRIES) from e
         return {"generated": outcome.generated, "skipped": outcome.skipped, "failed": outcome.failed}
 
     return app

@@ -13,7 +13,9 @@ Faults, and what the engine does about them:
   fails with the reason, so the other items still finish;
 - the soft time limit: checked between denoising steps, so the call stops before decoding and no
   partial image is stored; the unfinished items fail with the reason;
-- storage errors: each write is retried with backoff before the task itself is retried.
+- storage: a permanent refusal (``PermanentStorageError``) fails its item at once with the reason and
+  ends the task (its ungenerated items fail with it); a transient error is raised once every upload
+  has ended, for the task to retry (``fluxfleet.retry``). Outcomes are recorded by ``fluxfleet.outcomes``.
 """
 
 from __future__ import annotations
@@ -24,30 +26,26 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from fluxfleet.errors import JobError, StorageError, ValidationError
+from fluxfleet.errors import JobError, PermanentStorageError, ValidationError
 from fluxfleet.jobs import JobStore
-from fluxfleet.keys import failure_key, image_key, item_key, record_key
-from fluxfleet.manifest import write_manifest
+from fluxfleet.keys import image_key, item_key
+from fluxfleet.outcomes import Outcomes
 from fluxfleet.presets import Preset
-from fluxfleet.schema import Item, ItemFailure, ItemRecord, TaskPayload, Timings
+from fluxfleet.schema import Item, ItemRecord, TaskPayload, Timings
 from fluxfleet.settings import Settings
 from fluxfleet.storage import Storage
 from fluxfleet.validation import TokenCounter, validate_params, validate_prompt
 from workers.observer import Observer
 from workers.png import encode_png
+from workers.uploads import Uploads
 
 logger = logging.getLogger(__name__)
 
 GenerateFn = Callable[[list[Item], Callable[[], bool]], list[Any]]
 """Makes one image per item; calls its second argument between steps and stops if it returns True."""
-
-
-STORAGE_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
-"""Pauses between attempts of one storage write before the error reaches the task (about 15 s)."""
 
 
 CANCEL_POLL_S = 1.0
@@ -112,10 +110,11 @@ class Engine:
         self.observer = observer or Observer()
         self._stopped_jobs: dict[str, tuple[float, bool]] = {}
         self.counter = TokenCounter(model)
-        self.uploads = ThreadPoolExecutor(settings.storage.upload_threads, thread_name_prefix="upload")
+        self.uploads = Uploads(settings.storage.upload_threads)
         self.stop_requested = threading.Event()
         self.deadline: float | None = None
-        self.in_flight: list[Future[None]] = []
+        self.outcomes = Outcomes(storage, jobs)
+        self.refused: PermanentStorageError | None = None
         soft = settings.worker.task_soft_time_limit_s
         # Stop between steps a little before Celery's own soft limit fires anywhere in the code.
         self.soft_limit_s = soft - min(max(1.0, 0.05 * soft), soft / 2)
@@ -146,32 +145,26 @@ class Engine:
                 raise ValidationError("item key does not match its request", where=where, field="key")
 
     def _fail_all(self, payload: TaskPayload, items: list[Item], reason: str, label: str) -> None:
-        now = time.time()
         for item in items:
-            failure = ItemFailure(job_id=payload.job_id, index=item.index, key=item.key, reason=reason, finished_at=now)
             logger.warning("job %s item %d failed: %s", payload.job_id, item.index, reason)
             self.observer.item_failed(label)
-            self.jobs.record_failed(failure)
-            try:
-                # Also in storage, so a job whose Redis data is lost still knows this item's outcome.
-                self.storage.put(
-                    failure_key(payload.job_id, item.key), failure.model_dump_json().encode(), "application/json"
-                )
-            except StorageError as e:
-                logger.warning("could not store the failure record of %s: %s", item.key, e)
+        self.outcomes.failed(payload.job_id, items, reason)
 
     def fail_unfinished(self, payload: TaskPayload, reason: str, label: str) -> int:
         """Wait for in-flight uploads, then fail every item of the task without an outcome."""
-        for future in self.in_flight:
-            try:
-                future.result()
-            except Exception as e:  # the item stays without an outcome and is failed below
-                logger.warning("upload failed while abandoning task %s: %s", payload.task_id, e)
-        self.in_flight = []
+        try:
+            self.uploads.drain()
+        except Exception as e:  # the item stays without an outcome and is failed below
+            logger.warning("upload failed while abandoning task %s: %s", payload.task_id, e)
         unfinished = self._unfinished(payload.job_id, payload.items)
         self._fail_all(payload, unfinished, reason, label)
         self._finish(payload.job_id)
         return len(unfinished)
+
+    def _refuse(self, payload: TaskPayload, item: Item, error: PermanentStorageError) -> None:
+        """Storage refused this item for good: it fails now, and the task generates nothing more."""
+        self.refused = error
+        self._fail_all(payload, [item], str(error), "storage")
 
     def _unfinished(self, job_id: str, items: list[Item]) -> list[Item]:
         """The items without an outcome yet, asked of Redis in one round trip for the whole task."""
@@ -179,8 +172,13 @@ class Engine:
         return [item for item, done in zip(items, finished, strict=True) if not done]
 
     # -- the task -----------------------------------------------------------------------------
-    def run(self, payload: TaskPayload) -> TaskOutcome:
+    def run(self, payload: TaskPayload, retries: int = 0) -> TaskOutcome:
+        """Generate, store and record the task's items without an outcome.
+
+        ``retries``: how often the retry policy sent this task back (starts that were not deaths).
+        Raises a transient error for the task to retry; records every other outcome."""
         outcome = TaskOutcome()
+        self.refused = None
         self.deadline = time.monotonic() + self.soft_limit_s
         received = time.time()
         queue_wait = max(0.0, received - payload.enqueued_at)
@@ -201,7 +199,7 @@ class Engine:
         attempt = self.jobs.start_attempt(payload.task_id)
         max_attempts = self.settings.worker.max_attempts
         # Per-item death counts catch a poison item; this cap is the backstop for deaths elsewhere.
-        if attempt > max_attempts * (len(payload.items) + 1):
+        if attempt - retries > max_attempts * (len(payload.items) + 1):
             self._fail_all(
                 payload,
                 pending,
@@ -214,11 +212,16 @@ class Engine:
 
         to_generate: list[Item] = []
         for item in pending:
-            if self.storage.exists(image_key(item.key)):
-                self._record_existing(payload, item, queue_wait)
-                outcome.skipped += 1
-            else:
-                to_generate.append(item)
+            try:
+                if self.storage.exists(image_key(item.key)):
+                    self._record_existing(payload, item, queue_wait)
+                    outcome.skipped += 1
+                else:
+                    to_generate.append(item)
+            except PermanentStorageError as e:
+                self._refuse(payload, item, e)
+                outcome.failed += 1
+                break
 
         deaths = self.jobs.item_deaths(payload.job_id, [i.key for i in to_generate])
         doomed = [i for i, d in zip(to_generate, deaths, strict=True) if d >= max_attempts]
@@ -235,31 +238,35 @@ class Engine:
         # After a death, one item per call: the poison item dies alone and the others finish.
         batch_size = 1 if any(deaths) else self.preset.batch_size
 
-        self.in_flight = []
         try:
             for batch in chunks(to_generate, batch_size):
-                if self._should_stop(payload.job_id):
+                if self.refused is not None or self._should_stop(payload.job_id):
                     break
                 for item, image, generate_s in self._generate(payload, batch, outcome):
                     timings = Timings(queue_wait_s=queue_wait, generate_s=generate_s)
-                    self.in_flight.append(self.uploads.submit(self._store, payload, item, image, timings))
+                    self.uploads.submit(self._store, payload, item, image, timings)
                     outcome.generated += 1
                 if batch_size == 1 and any(deaths):
                     # The next item may kill the process: store this one first.
-                    for future in self.in_flight:
-                        future.result()
+                    outcome.failed += self.uploads.drain()
         except Interrupted:
             logger.info("task %s interrupted", payload.task_id)
         finally:
-            # Every image handed to an upload thread is stored (or its error raised) before returning;
-            # if this wait is interrupted (Celery's soft limit), ``fail_unfinished`` waits for the rest.
+            # Every image handed to an upload thread is stored or failed (or its error raised) before
+            # returning; if this wait is interrupted (Celery's soft limit), ``fail_unfinished`` waits.
             self.deadline = None
-            for future in self.in_flight:
-                future.result()
-            self.in_flight = []
+            outcome.failed += self.uploads.drain()
 
-        leftover = self._unfinished(payload.job_id, to_generate)
-        if leftover and self.jobs.state(payload.job_id) in ("cancelled", "aborted"):
+        leftover = self._unfinished(payload.job_id, pending)
+        if leftover and self.refused is not None:
+            self._fail_all(
+                payload,
+                leftover,
+                f"not generated: storage refused an earlier item of this task for good: {self.refused}",
+                "storage",
+            )
+            outcome.failed += len(leftover)
+        elif leftover and self.jobs.state(payload.job_id) in ("cancelled", "aborted"):
             self.jobs.record_cancelled(payload.job_id, (i.key for i in leftover))
             outcome.cancelled = len(leftover)
         elif leftover:
@@ -322,18 +329,6 @@ class Engine:
         self._stopped_jobs = {job_id: (now, stopped)}
         return stopped
 
-    def _retrying(self, what: str, write: Callable[[], bool]) -> bool:
-        """``write()`` retried with backoff on ``StorageError``; the last error is raised."""
-        for pause in (*STORAGE_BACKOFF_S, None):
-            try:
-                return write()
-            except StorageError as e:
-                if pause is None:
-                    raise
-                logger.warning("storage error on %s: %s; retrying in %.1f s", what, e, pause)
-                time.sleep(pause)
-        raise AssertionError("unreachable")
-
     def _record(self, payload: TaskPayload, item: Item, sha256: str, timings: Timings, skipped: bool) -> None:
         record = ItemRecord(
             job_id=payload.job_id,
@@ -354,10 +349,7 @@ class Engine:
             finished_at=time.time(),
         )
         # The record is written after the image, so a record always points at a stored image.
-        data = record.model_dump_json().encode()
-        key = record_key(payload.job_id, item.key)
-        self._retrying(key, lambda: self.storage.put_if_absent(key, data, "application/json"))
-        if self.jobs.record_done(record):
+        if self.outcomes.done(record):
             self.observer.item_done(
                 timings.queue_wait_s + timings.generate_s + timings.encode_s + timings.upload_s, skipped
             )
@@ -367,24 +359,29 @@ class Engine:
         sha256 = self.storage.digest(image_key(item.key))
         self._record(payload, item, sha256, Timings(queue_wait_s=queue_wait), skipped=True)
 
-    def _store(self, payload: TaskPayload, item: Item, image: Any, timings: Timings) -> None:
-        started = time.perf_counter()
-        data, sha256 = encode_png(image, item, payload.preset, payload.model)
-        timings.encode_s = time.perf_counter() - started
-        self.observer.stage("png_encode", timings.encode_s)
-        started = time.perf_counter()
-        key = image_key(item.key)
-        if not self._retrying(key, lambda: self.storage.put_if_absent(key, data, "image/png", sha256)):
-            # Another attempt stored this key first (a redelivery, or the same item in another job):
-            # the record describes the stored object, which may differ in bytes on another GPU.
-            sha256 = self.storage.digest(key)
-            logger.info("%s was already stored by another attempt; keeping that object", key)
-        timings.upload_s = time.perf_counter() - started
-        self.observer.stage("upload", timings.upload_s)
-        self._record(payload, item, sha256, timings, skipped=False)
+    def _store(self, payload: TaskPayload, item: Item, image: Any, timings: Timings) -> bool:
+        """Encode, store and record one image (on an upload thread); False when storage refused it for
+        good (the item is then recorded as failed). A transient storage error is raised."""
+        try:
+            started = time.perf_counter()
+            data, sha256 = encode_png(image, item, payload.preset, payload.model)
+            timings.encode_s = time.perf_counter() - started
+            self.observer.stage("png_encode", timings.encode_s)
+            started = time.perf_counter()
+            key = image_key(item.key)
+            if not self.storage.put_if_absent(key, data, "image/png", sha256):
+                # Another attempt stored this key first (a redelivery, or the same item in another job):
+                # the record describes the stored object, which may differ in bytes on another GPU.
+                sha256 = self.storage.digest(key)
+                logger.info("%s was already stored by another attempt; keeping that object", key)
+            timings.upload_s = time.perf_counter() - started
+            self.observer.stage("upload", timings.upload_s)
+            self._record(payload, item, sha256, timings, skipped=False)
+        except PermanentStorageError as e:
+            self._refuse(payload, item, e)
+            return False
         logger.debug("stored %s (%s)", item.key, payload.job_id)
+        return True
 
     def _finish(self, job_id: str) -> None:
-        if self.jobs.finish_if_complete(job_id):
-            location = write_manifest(self.storage, self.jobs, job_id)
-            logger.info("job %s complete; manifest at %s", job_id, location)
+        self.outcomes.finish(job_id)

@@ -2,21 +2,22 @@
 
 When a task passes its hard limit, Celery kills the pool child and acknowledges the message, so the
 task's unfinished items would be left with no outcome. Before that acknowledgement, this request
-class records them as failed with the reason (and completes the job's manifest if that was the last
-outcome). It runs in the parent, which never imports torch.
+class records them as failed with the reason, through the same recorder as every other path
+(``fluxfleet.outcomes``: Redis and the stored failure records, so a ``submit --resume`` after Redis
+lost the job does not run the item again), and completes the job's manifest if that was the last
+outcome. It runs in the parent, which never imports torch.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from celery.worker.request import Request
 
 from fluxfleet.jobs import JobStore
-from fluxfleet.manifest import write_manifest
-from fluxfleet.schema import ItemFailure, TaskPayload
+from fluxfleet.outcomes import Outcomes
+from fluxfleet.schema import TaskPayload
 from fluxfleet.settings import Settings
 from fluxfleet.storage import open_storage
 
@@ -27,15 +28,12 @@ def fail_after_hard_limit(settings: Settings, payload: Any, timeout: float) -> i
     """Record every unfinished item of the task as failed; returns how many."""
     task = TaskPayload.model_validate(payload)
     jobs = JobStore.from_settings(settings.broker)
+    outcomes = Outcomes(open_storage(settings.storage), jobs)
     reason = f"the task ran past its hard time limit ({timeout:g} s; FLUXFLEET_WORKER__TASK_TIME_LIMIT_S)"
     finished = jobs.are_finished(task.job_id, [i.key for i in task.items])
     unfinished = [i for i, done in zip(task.items, finished, strict=True) if not done]
-    for item in unfinished:
-        jobs.record_failed(
-            ItemFailure(job_id=task.job_id, index=item.index, key=item.key, reason=reason, finished_at=time.time())
-        )
-    if jobs.finish_if_complete(task.job_id):
-        write_manifest(open_storage(settings.storage), jobs, task.job_id)
+    outcomes.failed(task.job_id, unfinished, reason)
+    outcomes.finish(task.job_id)
     return len(unfinished)
 
 

@@ -1,4 +1,10 @@
-"""Storage in an S3-compatible bucket through boto3 (AWS, MinIO, any server speaking S3)."""
+"""Storage in an S3-compatible bucket through boto3 (AWS, MinIO, any server speaking S3).
+
+Each operation is one boto3 call; boto3's standard retry mode resends a throttled, 5xx or unanswered
+request inside that call (``FLUXFLEET_STORAGE__MAX_ATTEMPTS``). What still fails is raised as a
+``StorageError`` (transient: the task is retried, see ``fluxfleet.retry``) or, for an error no retry
+can fix (access denied, bad credentials, no such bucket, any other 4xx), a ``PermanentStorageError``.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,39 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from fluxfleet.errors import StorageError
+from fluxfleet.errors import PermanentStorageError, StorageError
 from fluxfleet.settings import StorageSettings
 from fluxfleet.storage.base import Storage
 
 DIGEST_METADATA = "sha256"
 """User metadata (``x-amz-meta-sha256``) holding the object's sha256, set on every write."""
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "OperationAborted",
+        "429",
+    }
+)
+"""S3 error codes worth another attempt; any other 4xx is the request's or the account's fault."""
+
+
+def is_transient(error: Exception) -> bool:
+    """Whether a boto3 error may pass on its own: throttling, a 5xx, a dropped or timed-out connection."""
+    from botocore.exceptions import ClientError, NoCredentialsError, ParamValidationError, PartialCredentialsError
+
+    if isinstance(error, ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return code in TRANSIENT_CODES or status >= 500 or (code.isdigit() and int(code) >= 500)
+    return not isinstance(error, (NoCredentialsError, PartialCredentialsError, ParamValidationError))
 
 
 def _metadata(data: bytes, sha256: str | None = None) -> dict[str, str]:
@@ -56,8 +88,9 @@ class S3Storage(Storage):
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _error(self, action: str, key: str, e: Exception) -> StorageError:
-        return StorageError(f"S3 {action} s3://{self.bucket}/{self._key(key)} failed: {e}")
+    def _error(self, action: str, key: str, e: Exception) -> StorageError | PermanentStorageError:
+        message = f"S3 {action} s3://{self.bucket}/{self._key(key)} failed: {e}"
+        return StorageError(message) if is_transient(e) else PermanentStorageError(message)
 
     def check(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -65,7 +98,8 @@ class S3Storage(Storage):
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as e:
-            raise StorageError(f"bucket '{self.bucket}' is not reachable: {e}") from e
+            message = f"bucket '{self.bucket}' is not reachable: {e}"
+            raise (StorageError(message) if is_transient(e) else PermanentStorageError(message)) from e
 
     def _head(self, key: str) -> dict[str, Any] | None:
         """The object's HEAD response; None when there is no object."""
@@ -141,11 +175,16 @@ class S3Storage(Storage):
             raise self._error("GET", key, e) from e
 
     def list(self, prefix: str) -> Iterator[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         strip = len(self.prefix) + 1 if self.prefix else 0
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
-            for obj in page.get("Contents", []):
-                yield obj["Key"][strip:]
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][strip:]
+        except (BotoCoreError, ClientError) as e:
+            raise self._error("LIST", prefix, e) from e
 
     def location(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
