@@ -26,6 +26,24 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PRESETS_DIR = REPO_ROOT / "config" / "presets"
 
 
+def default_presets_dir() -> Path:
+    """``config/presets`` of this checkout (or editable install); for a package installed from a wheel,
+    the copy pip put under ``<prefix>/share/fluxfleet/presets`` (found through the package's file list,
+    so user and virtualenv installs alike)."""
+    if DEFAULT_PRESETS_DIR.is_dir():
+        return DEFAULT_PRESETS_DIR
+    from importlib import metadata
+
+    try:
+        files = metadata.files("fluxfleet") or []
+    except metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.parts[-3:-1] == ("fluxfleet", "presets") and file.suffix == ".toml":
+            return Path(str(file.locate())).parent.resolve()
+    return DEFAULT_PRESETS_DIR  # absent either way: an unknown preset then names this directory
+
+
 class BrokerSettings(BaseModel):
     """Where Redis is and how long an unacknowledged task may stay out."""
 
@@ -151,7 +169,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     limits: LimitSettings = LimitSettings()
     defaults: GenerationDefaults = GenerationDefaults()
-    presets_dir: Path = DEFAULT_PRESETS_DIR
+    presets_dir: Path = Field(default_factory=default_presets_dir)
     model_dir: Path | None = Field(
         None, description="overrides every preset's model source (e.g. the tiny model's directory)"
     )

@@ -15,6 +15,7 @@ from rich.console import Console
 from fluxfleet.errors import FluxfleetError
 from fluxfleet.settings import Settings
 from producer.client import Client
+from producer.extras import needs_extra
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Distributed batch text-to-image generation.")
 console = Console()
@@ -220,6 +221,7 @@ def results(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = True
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@needs_extra("worker")
 def worker(
     preset: Annotated[str, typer.Option()],
     gpu: Annotated[str, typer.Option(help="GPU index (pinned via CUDA_VISIBLE_DEVICES before torch loads)")] = "0",
@@ -234,6 +236,7 @@ def worker(
 
 
 @app.command("make-tiny-model")
+@needs_extra("worker")
 def make_tiny_model(directory: Path) -> None:
     """Build the tiny random-weight FLUX pipeline (for tests and the demo) into DIRECTORY."""
     import subprocess
@@ -243,6 +246,7 @@ def make_tiny_model(directory: Path) -> None:
 
 
 @app.command()
+@needs_extra("worker")
 def demo(
     prompts: Path = Path("examples/prompts.txt"),
     output: Path = Path("outputs"),

@@ -28,6 +28,7 @@ from fluxfleet.planner import (
 from fluxfleet.presets import Preset, load_preset, preset_names
 from fluxfleet.settings import Settings
 from producer.cli import _fail, app, console
+from producer.extras import needs_extra
 
 
 def component_backends(preset: Preset) -> dict[str, str]:
@@ -151,6 +152,7 @@ def plan(
 
 
 @app.command()
+@needs_extra("worker")
 def quantize(
     preset: Annotated[str, typer.Option(help="preset whose quantization to apply")],
     out: Annotated[Path, typer.Option(help="directory for save_pretrained (or the .gguf file with --gguf)")],

@@ -22,6 +22,7 @@ from fluxfleet.schema import ItemRecord
 from fluxfleet.settings import Settings
 from fluxfleet.storage import open_storage
 from producer.cli import app, console, err
+from producer.extras import needs_extra
 
 
 @app.command()
@@ -107,6 +108,7 @@ def _records(settings: Settings, job_id: str) -> tuple[list[ItemRecord], float |
 
 
 @app.command()
+@needs_extra("report")
 def report(
     job_id: str,
     out: Annotated[Path, typer.Option(help="directory for the PNGs")] = Path("report"),

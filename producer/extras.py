@@ -83,7 +83,7 @@ def needs_extra(extra: str) -> Callable[[F], F]:
                 from rich.markup import escape
 
                 # escape: `fluxfleet[report]` would otherwise read as a markup tag and vanish
-                Console(stderr=True).print(f"[red]error:[/red] {escape(sentence)}", highlight=False)
+                Console(stderr=True).print(f"[red]error:[/red] {escape(sentence)}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1)
             return command(*args, **kwargs)
 
