@@ -27,7 +27,7 @@ from fluxfleet.planner import (
 )
 from fluxfleet.presets import Preset, load_preset, preset_names
 from fluxfleet.settings import Settings
-from producer.cli import _fail, app, console
+from producer.cli import _fail, _plain, app, console
 from producer.extras import needs_extra
 
 
@@ -80,19 +80,19 @@ def presets(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     table = Table("preset", "backend", "components", "placement", "compile", "est. GiB", "items/task", "description")
     for p in rows:
         table.add_row(
-            p.name,
-            p.quantization.backend,
-            ",".join(c for c, b in component_backends(p).items() if b != "none") or "-",
-            p.placement.policy,
+            _plain(p.name),
+            _plain(p.quantization.backend),
+            _plain(",".join(c for c, b in component_backends(p).items() if b != "none") or "-"),
+            _plain(p.placement.policy),
             _compile_label(p),
             _estimate_label(p),
             str(p.max_items_per_task),
-            p.description,
+            _plain(p.description),
         )
     console.print(table)
     for p in rows:
         if why := no_estimate_reason(p):
-            console.print(f"{p.name}: no memory estimate: {why}")
+            console.print(_plain(f"{p.name}: no memory estimate: {why}"))
 
 
 def _plan_dict(plan: Placement) -> dict[str, Any]:
@@ -137,13 +137,14 @@ def plan(
     if decision.policy == "group_offload":
         extra = f" ({decision.group_offload_type}, streams {'on' if decision.group_offload_use_stream else 'off'}, "
         extra += f"{', '.join(decision.group_offload_components)})"
-    console.print(f"preset {spec.name}: [bold]{decision.policy}[/bold]{extra} — {decision.reason}")
+    name, reason = _plain(spec.name), _plain(decision.reason)
+    console.print(f"preset {name}: [bold]{decision.policy}[/bold]{_plain(extra)} — {reason}")
     if decision.no_estimate_reason:
         return  # the reason above already says there are no numbers
     table = Table("component", "backend", "estimated GiB")
     backends = component_backends(spec)
     for name, size in decision.estimate.items():
-        table.add_row(name, backends[name], f"{size / GIB:.2f}")
+        table.add_row(_plain(name), _plain(backends[name]), f"{size / GIB:.2f}")
     table.add_row("total", "", f"{sum(decision.estimate.values()) / GIB:.2f}")
     console.print(table)
     console.print(f"expected peak: {decision.expected_peak_bytes / GIB:.1f} GiB per GPU ({gpus} × {gpu_memory})")
