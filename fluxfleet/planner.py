@@ -1,12 +1,15 @@
-"""Memory planning: how many bytes a preset needs per component, and where the pipeline should live.
+"""Memory planning: where a preset's pipeline should live, from its memory estimate.
 
 Pure numbers, no torch: the producer (``fluxfleet plan``) and the worker share it, and tests run it
-with a table. The estimate is parameter counts of the FLUX.1-dev components (counted once on the
-meta device) times bytes per weight of the preset's backend, calibrated against the seed's H100
-tables (whose "GB" are GiB: ``max_memory_reserved() / 1024**3``)::
+with a table. The estimate (``fluxfleet.estimate``) is parameter counts of the FLUX.1-dev components
+times bytes per weight of the preset's backend and ``[speed]`` fp8 conversion, plus the working memory
+of each stage, checked against the GPU measurements in ``benchmarks/results/``::
 
     plan = plan_placement(preset, [24 * GIB])
-    plan.policy, plan.expected_peak_bytes, plan.reason
+    plan.policy, plan.after_load_bytes, plan.expected_peak_bytes, plan.load_peak_bytes, plan.reason
+
+Two peaks: serving (weights plus a generation's working memory) and loading (a preset converted after
+loading holds its bf16 weights on the GPU first). A plan fits only when both do.
 
 A preset whose model is not FLUX.1-dev-sized says so (``[estimate] applies = false``): it gets no
 numbers (``no_estimate_reason``) and must force its placement policy.
@@ -18,32 +21,36 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from fluxfleet.errors import ConfigurationError
+from fluxfleet.estimate import (
+    COMPONENTS,
+    GIB,
+    LARGEST_BLOCK,
+    LARGEST_LINEAR,
+    PARAMS,
+    TEXT_ENCODERS,
+    component_bytes,
+    load_peak,
+    no_estimate_reason,
+    stage_bytes,
+    working_bytes,
+)
 from fluxfleet.presets import Preset
 
-GIB = 1024**3
+__all__ = [
+    "COMPONENTS",
+    "GIB",
+    "SAFETY_BYTES",
+    "Placement",
+    "component_bytes",
+    "incompatibility",
+    "no_estimate_reason",
+    "parse_bytes",
+    "plan_placement",
+]
 
-# Parameter counts of FLUX.1-dev, by group. "modulation" are the AdaLayerNorm linears (names contain
-# "norm"): layerwise casting skips them, so they stay in the compute dtype. "kept" is T5's ``wo``,
-# which transformers keeps out of quantization (``_keep_in_fp32_modules``).
-PARAMS: dict[str, dict[str, int]] = {
-    "transformer": {"linear": 8_651_931_648, "modulation": 3_246_391_296, "other": 3_085_376},
-    "text_encoder_2": {"linear": 3_623_878_656, "kept": 1_006_632_960, "other": 131_799_040},
-    "text_encoder": {"other": 123_060_480},
-    "vae": {"other": 83_819_683},
-}
-LARGEST_LINEAR = 56_623_104  # one 3072x18432 modulation linear: the unit of leaf-level group offload
-LARGEST_BLOCK = 339_831_296  # one double-stream block: the unit of block-level group offload
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-COMPONENTS = tuple(PARAMS)
-
-ACTIVATION_BYTES_1MP = int(4.6 * GIB)
-"""Peak minus after-load at 1024x1024, batch 1, in bytes (seed: 4.0-5.2 GiB for every backend)."""
 SAFETY_BYTES = 512 * 1024**2
 """Bytes kept free on each GPU for the CUDA context, cuBLAS workspaces and fragmentation."""
 
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-GGUF_BITS = {"Q2_K": 2.625, "Q3_K": 3.4375, "Q4_0": 4.5, "Q4_1": 5.0, "Q4_K": 4.5, "Q5_0": 5.5, "Q5_1": 6.0}
-GGUF_BITS |= {"Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5, "F16": 16.0, "BF16": 16.0}
 # Backends known not to survive an offload mode, with the evidence.
 GROUP_OFFLOAD_REFUSED = {
     "quanto": "quanto weights stay on the CPU under group offload (diffusers issue #12610)",
@@ -54,95 +61,6 @@ GROUP_OFFLOAD_STREAM_REFUSED = {
 }
 
 Policy = Literal["gpu", "balanced", "model_offload", "group_offload", "cpu"]
-
-
-def _dtype_bytes(name: str) -> float:
-    return float(DTYPE_BYTES[name])
-
-
-def linear_bytes_per_weight(preset: Preset) -> float:
-    """Bytes per weight of a quantized linear layer, scales and zero points included."""
-    q, opts = preset.quantization, preset.quantization.options
-    if q.backend == "bitsandbytes":
-        if int(opts.get("bits", 4)) == 8:
-            return 1.0
-        # 4-bit codes plus one fp32 absmax per 64 weights; nested quantization stores it in 8 bits.
-        return 0.5 + (1 / 64 + 4 / (64 * 256) if opts.get("double_quant", False) else 4 / 64)
-    if q.backend in ("torchao", "quanto"):
-        kind = str(opts.get("type", opts.get("weights", "int8")))
-        if "int4" in kind and q.backend == "quanto":
-            # Calibrated: the seed measures ~2 GiB more than packed int4 + bf16 scale/shift per 128 would be.
-            return 0.67
-        if "int4" in kind:
-            return 0.5 + 4 / int(opts.get("group_size", 128))  # bf16 scale and zero point per group
-        return 1.0
-    if q.backend == "gguf":
-        quant_type = str(opts.get("quant_type", "Q8_0")).upper()
-        if quant_type not in GGUF_BITS:
-            raise ConfigurationError(
-                f"preset '{preset.name}': quantization.options.quant_type '{quant_type}' "
-                f"is not one of {sorted(GGUF_BITS)}"
-            )
-        return GGUF_BITS[quant_type] / 8
-    if q.backend == "layerwise":
-        return 1.0  # float8 storage
-    return _dtype_bytes(preset.dtype)
-
-
-def no_estimate_reason(preset: Preset) -> str | None:
-    """Why FLUX.1-dev's parameter counts say nothing about this preset's model; None when they apply."""
-    if preset.estimate.applies:
-        return None
-    return preset.estimate.reason or "the preset's model is not FLUX.1-dev-sized"
-
-
-def component_bytes(preset: Preset) -> dict[str, int]:
-    """Estimated bytes of each component after loading the preset.
-
-    Raises ``ConfigurationError`` for a preset without an estimate rather than return FLUX.1-dev numbers.
-    """
-    why = no_estimate_reason(preset)
-    if why is not None:
-        raise ConfigurationError(f"preset '{preset.name}' has no memory estimate: {why}")
-    dtype_b = _dtype_bytes(preset.dtype)
-    q = preset.quantization
-    quantized = set(q.components) if q.backend != "none" else set()
-    if q.backend == "gguf":
-        quantized = {"transformer"}  # the file holds only the transformer
-    per_weight = linear_bytes_per_weight(preset)
-    # quanto's quantize/freeze does not know transformers' keep list; bitsandbytes' quantize_t5_wo packs it too
-    direct = (q.backend == "quanto" and _quanto_direct(q.options)) or (
-        q.backend == "bitsandbytes" and bool(q.options.get("quantize_t5_wo"))
-    )
-    out: dict[str, int] = {}
-    for name, groups in PARAMS.items():
-        total = groups.get("other", 0) * dtype_b
-        if name in quantized:
-            total += groups.get("linear", 0) * per_weight
-            # Layerwise casting skips the norm (modulation) linears; other backends quantize them.
-            mod_b = dtype_b if q.backend == "layerwise" else per_weight
-            total += groups.get("modulation", 0) * mod_b
-            # T5's wo: bitsandbytes keeps it in fp32 (seed calibration), the others in the compute dtype,
-            # unless quantized directly.
-            kept_b = per_weight if direct else (4.0 if q.backend == "bitsandbytes" else dtype_b)
-            total += groups.get("kept", 0) * kept_b
-        else:
-            total += sum(v for k, v in groups.items() if k != "other") * dtype_b
-        out[name] = int(total)
-    return out
-
-
-def _quanto_direct(options: dict[str, Any]) -> bool:
-    return bool(options.get("direct", str(options.get("weights", "int8")) == "float8"))
-
-
-def activation_bytes(preset: Preset) -> int:
-    """Working memory of one generation, scaled by pixels and batch from the seed's 1024x1024 figure."""
-    width = int(preset.defaults.get("width", 1024))
-    height = int(preset.defaults.get("height", 1024))
-    for w, h in preset.warmup.shapes:
-        width, height = max(width, w), max(height, h)
-    return int(ACTIVATION_BYTES_1MP * (width * height) / (1024 * 1024) * preset.batch_size)
 
 
 @dataclass(frozen=True)
@@ -156,11 +74,23 @@ class Placement:
     group_offload_use_stream: bool = True
     group_offload_components: tuple[str, ...] = ()
     estimate: dict[str, int] = field(default_factory=dict)
+    """Bytes of each component once loaded and converted, wherever it lives."""
+    after_load_bytes: int = 0
+    """Bytes on the GPUs once loaded, all GPUs together (0 where every component waits on the CPU)."""
+    gpu_peaks: tuple[int, ...] = ()
+    """Serving peak of each GPU: its weights plus the largest working memory of the stages it runs."""
     expected_peak_bytes: int = 0
+    """The largest serving peak on one GPU."""
+    load_peak_bytes: int = 0
+    """The largest allocation on one GPU while loading: more than serving where weights are converted on it."""
+    load_peak_step: str = ""
+    """The loading step that sets ``load_peak_bytes``."""
     fits: bool = True
+    """Both peaks fit the GPUs, serving and loading."""
+    load_fits: bool = True
     reason: str = ""
     no_estimate_reason: str = ""
-    """Set when the preset has no estimate: ``estimate`` is then empty and the peak unknown (0)."""
+    """Set when the preset has no estimate: ``estimate`` is then empty and the peaks unknown (0)."""
 
 
 def incompatibility(preset: Preset, policy: str) -> str | None:
@@ -185,13 +115,26 @@ def incompatibility(preset: Preset, policy: str) -> str | None:
     return None
 
 
-def _peak(policy: str, preset: Preset, est: dict[str, int], act: int, te_off: bool, offloaded: tuple[str, ...]) -> int:
+def _one_gpu(
+    policy: str, preset: Preset, est: dict[str, int], stages: dict[str, int], te_off: bool, offloaded: tuple[str, ...]
+) -> tuple[int, int, tuple[int, str]]:
+    """(serving peak, bytes on the GPU after loading, (load peak, its step)) of a policy that uses one GPU."""
     total = sum(est.values())
-    te = sum(est[c] for c in TEXT_ENCODERS)
     if policy == "gpu":
-        return max(total, total - te + act) if te_off else total + act
+        if te_off:  # the encoders leave the GPU before the transformer runs
+            te = sum(est[c] for c in TEXT_ENCODERS)
+            peak = max(
+                total + working_bytes(stages, TEXT_ENCODERS),
+                total - te + working_bytes(stages, ("transformer", "vae")),
+            )
+        else:
+            peak = total + working_bytes(stages, COMPONENTS)
+        # workers.placement.load_kwargs loads a one-GPU pipeline straight onto the GPU (device_map="cuda").
+        return peak, total, load_peak(preset, COMPONENTS, straight_to_gpu=True)
     if policy == "model_offload":
-        return max(est["transformer"] + act, est["text_encoder_2"] + act // 8, est["vae"] + act)
+        # One component at a time on the GPU, with its stage's working memory. Loading (and any [speed]
+        # conversion) happens on the CPU.
+        return max(est[c] + working_bytes(stages, (c,)) for c in COMPONENTS), 0, (0, "loading on the CPU")
     if policy == "group_offload":
         per_weight = est["transformer"] / sum(PARAMS["transformer"].values())
         unit = LARGEST_BLOCK * preset.placement.num_blocks_per_group
@@ -199,26 +142,32 @@ def _peak(policy: str, preset: Preset, est: dict[str, int], act: int, te_off: bo
             unit = LARGEST_LINEAR
         # With streams the next group is prefetched while the current one runs: two groups resident.
         resident = int(unit * per_weight * (2 if preset.placement.group_offload_use_stream else 1))
-        on_gpu = sum(v for k, v in est.items() if k not in offloaded)
-        return on_gpu + resident * len(offloaded) + act
-    return 0  # cpu
+        on_gpu = tuple(c for c in COMPONENTS if c not in offloaded)
+        after = sum(est[c] for c in on_gpu)
+        peak = after + resident * len(offloaded) + working_bytes(stages, COMPONENTS)
+        return peak, after, load_peak(preset, on_gpu, straight_to_gpu=False)
+    return 0, 0, (0, "")  # cpu
 
 
-def _balanced(est: dict[str, int], act: int, caps: list[int]) -> tuple[bool, int]:
-    """Largest component first onto the GPU with most room (the transformer also carries activations).
+def _balanced(
+    preset: Preset, est: dict[str, int], stages: dict[str, int], caps: list[int]
+) -> tuple[tuple[int, ...], tuple[int, str], bool, bool]:
+    """Largest component first onto the GPU with most room; each GPU then peaks at its weights plus the largest
+    working memory of the stages its components run.
 
-    Returns whether every component found room, and the largest load put on one GPU.
+    Returns the serving peak of each GPU, the largest load peak, and whether serving and loading fit.
     """
     room = list(caps)
-    load = [0] * len(caps)
-    fits = True
+    placed: list[list[str]] = [[] for _ in caps]
     for name in sorted(est, key=lambda n: est[n], reverse=True):
-        need = est[name] + (act if name == "transformer" else 0)
         best = max(range(len(room)), key=room.__getitem__)
-        fits = fits and room[best] >= need
-        room[best] -= need
-        load[best] += need
-    return fits, max(load, default=0)
+        room[best] -= est[name] + working_bytes(stages, (name,))
+        placed[best].append(name)
+    peaks = tuple(sum(est[c] for c in names) + working_bytes(stages, names) for names in placed)
+    loads = [load_peak(preset, names, straight_to_gpu=True) if names else (0, "") for names in placed]
+    serving_fits = all(peak <= cap for peak, cap in zip(peaks, caps, strict=True))
+    load_fits = all(load <= cap for (load, _), cap in zip(loads, caps, strict=True))
+    return peaks, max(loads, default=(0, "")), serving_fits, load_fits
 
 
 def _check_forced(preset: Preset) -> Policy:
@@ -262,7 +211,7 @@ def plan_placement(preset: Preset, gpu_free_bytes: list[int]) -> Placement:
     if why is not None:
         return _forced_without_estimate(preset, len(gpu_free_bytes), why)
     est = component_bytes(preset)
-    act = activation_bytes(preset)
+    stages = stage_bytes(preset)
     caps = [max(0, free - SAFETY_BYTES) for free in gpu_free_bytes]
     spec = preset.placement
     base: dict[str, Any] = {
@@ -272,15 +221,19 @@ def plan_placement(preset: Preset, gpu_free_bytes: list[int]) -> Placement:
     }
 
     def make(policy: Policy, reason: str, te_off: bool = False, offloaded: tuple[str, ...] = ()) -> Placement:
-        peak = _peak(policy, preset, est, act, te_off, offloaded)
-        gpus = len(caps) if policy == "balanced" else (0 if policy == "cpu" else 1)
         if policy == "balanced":
-            fits, peak = _balanced(est, act, caps)
+            peaks, load, serving_fits, load_fits = _balanced(preset, est, stages, caps)
+            after = sum(est.values())
         else:
-            fits = policy == "cpu" or (bool(caps) and peak <= caps[0])
+            peak, after, load = _one_gpu(policy, preset, est, stages, te_off, offloaded)
+            peaks = () if policy == "cpu" else (peak,)
+            serving_fits = policy == "cpu" or (bool(caps) and peak <= caps[0])
+            load_fits = policy == "cpu" or (bool(caps) and load[0] <= caps[0])
         return Placement(
-            policy, gpus, te_off, group_offload_components=offloaded, expected_peak_bytes=peak, fits=fits,
-            reason=reason, **base,
+            policy, len(caps) if policy == "balanced" else (0 if policy == "cpu" else 1), te_off,
+            group_offload_components=offloaded, after_load_bytes=after, gpu_peaks=peaks,
+            expected_peak_bytes=max(peaks, default=0), load_peak_bytes=load[0], load_peak_step=load[1],
+            fits=serving_fits and load_fits, load_fits=load_fits, reason=reason, **base,
         )  # fmt: skip
 
     if spec.policy != "auto":
@@ -316,11 +269,16 @@ def plan_placement(preset: Preset, gpu_free_bytes: list[int]) -> Placement:
         elif plan.fits:
             return plan
     allowed = [p for p in candidates if not incompatibility(preset, p.policy)]
-    best = min(allowed, key=lambda p: p.expected_peak_bytes) if allowed else candidates[-1]
+    best = min(allowed, key=_need) if allowed else candidates[-1]
+    loading = " while loading" if best.load_peak_bytes > best.expected_peak_bytes else ""
     raise ConfigurationError(
-        f"preset '{preset.name}' does not fit: even {best.policy} needs {best.expected_peak_bytes / GIB:.1f} GiB, "
+        f"preset '{preset.name}' does not fit: even {best.policy} needs {_need(best) / GIB:.1f} GiB{loading}, "
         f"has {caps[0] / GIB:.1f} GiB usable" + (f"; refused: {'; '.join(refused)}" if refused else "")
     )
+
+
+def _need(plan: Placement) -> int:
+    return max(plan.expected_peak_bytes, plan.load_peak_bytes)
 
 
 def parse_bytes(text: str) -> int:

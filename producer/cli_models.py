@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fluxfleet.errors import FluxfleetError
+from fluxfleet.estimate import speed_fp8
 from fluxfleet.planner import (
     COMPONENTS,
     GIB,
+    SAFETY_BYTES,
     Placement,
     component_bytes,
     no_estimate_reason,
@@ -96,6 +99,7 @@ def presets(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 
 def _plan_dict(plan: Placement) -> dict[str, Any]:
+    known = not plan.no_estimate_reason  # null rather than 0 where the preset has no estimate: unknown, not zero
     return {
         "policy": plan.policy,
         "gpus": plan.gpus,
@@ -107,13 +111,47 @@ def _plan_dict(plan: Placement) -> dict[str, Any]:
         }
         if plan.policy == "group_offload"
         else None,
-        # null rather than 0 where the preset has no estimate: the numbers are unknown, not zero.
-        "estimate_bytes": None if plan.no_estimate_reason else plan.estimate,
-        "expected_peak_bytes": None if plan.no_estimate_reason else plan.expected_peak_bytes,
+        "estimate_bytes": plan.estimate if known else None,
+        "after_load_bytes": plan.after_load_bytes if known else None,
+        "expected_peak_bytes": plan.expected_peak_bytes if known else None,
+        "gpu_peak_bytes": list(plan.gpu_peaks) if known else None,
+        "load_peak_bytes": plan.load_peak_bytes if known else None,
+        "load_peak_step": plan.load_peak_step if known else None,
         "fits": plan.fits,
+        "load_fits": plan.load_fits,
         "reason": plan.reason,
         "no_estimate_reason": plan.no_estimate_reason or None,
     }
+
+
+def _plan_backends(preset: Preset) -> dict[str, str]:
+    """``component_backends``, plus the fp8 scheme where ``[speed]`` converts a component after loading."""
+    converted = speed_fp8(preset)
+    return {c: f"fp8 {converted[c]} (speed)" if c in converted else b for c, b in component_backends(preset).items()}
+
+
+def _print_peaks(decision: Placement, usable: int, where: str) -> None:
+    """Memory after loading and the serving peak, then the load-time peak where loading needs more."""
+    on_gpus = "on the GPUs" if decision.gpus > 1 else "on the GPU"
+    console.print(
+        f"after load: {decision.after_load_bytes / GIB:.1f} GiB {on_gpus}; "
+        f"serving peak: {decision.expected_peak_bytes / GIB:.1f} GiB per GPU ({where})"
+    )
+    load, serving = decision.load_peak_bytes, decision.expected_peak_bytes
+    if load > serving:
+        console.print(
+            f"load-time peak: {load / GIB:.1f} GiB, above the serving peak: weights land on the GPU "
+            f"before they are converted, and the peak comes with {escape(decision.load_peak_step)}"
+        )
+    if decision.fits:
+        return
+    if not decision.load_fits and serving <= usable:
+        console.print(
+            f"[yellow]warning:[/yellow] loading needs {load / GIB:.1f} GiB, more than the {usable / GIB:.1f} GiB "
+            f"usable, although serving ({serving / GIB:.1f} GiB) fits: the worker would run out of memory while loading"
+        )
+    else:
+        console.print("[yellow]warning:[/yellow] the preset forces this placement but the estimate exceeds the memory")
 
 
 @app.command()
@@ -142,14 +180,13 @@ def plan(
     if decision.no_estimate_reason:
         return  # the reason above already says there are no numbers
     table = Table("component", "backend", "estimated GiB")
-    backends = component_backends(spec)
+    backends = _plan_backends(spec)
     for name, size in decision.estimate.items():
         table.add_row(_plain(name), _plain(backends[name]), f"{size / GIB:.2f}")
     table.add_row("total", "", f"{sum(decision.estimate.values()) / GIB:.2f}")
     console.print(table)
-    console.print(f"expected peak: {decision.expected_peak_bytes / GIB:.1f} GiB per GPU ({gpus} × {gpu_memory})")
-    if not decision.fits:
-        console.print("[yellow]warning:[/yellow] the preset forces this placement but the estimate exceeds the memory")
+    usable = max(0, parse_bytes(gpu_memory) - SAFETY_BYTES)
+    _print_peaks(decision, usable, f"{gpus} × {gpu_memory}")
 
 
 @app.command()

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from fluxfleet.errors import ConfigurationError
+from fluxfleet.estimate import COMPONENTS, load_peak
 from fluxfleet.planner import GIB, component_bytes, no_estimate_reason, parse_bytes, plan_placement
-from fluxfleet.presets import Preset, load_preset
+from fluxfleet.presets import Preset, load_preset, preset_names
 from fluxfleet.settings import DEFAULT_PRESETS_DIR
 from producer.cli import app
 
@@ -28,17 +31,22 @@ NO_COMPILE = {"compile": {"enabled": False}}
 # (preset, overrides, free GiB per GPU, expected policy, text encoders off after encode)
 CASES = [
     ("bf16", {}, [80], "gpu", False),
-    ("bf16", {}, [34], "gpu", True),  # 31.4 GiB fits, +4.6 GiB activations does not; without T5 it does
+    ("bf16", {}, [34], "gpu", True),  # 31.4 GiB + 2.4 GiB to decode does not fit; without the encoders it does
     ("bf16", NO_COMPILE, [30, 30], "balanced", False),
-    ("bf16", NO_COMPILE, [28], "model_offload", False),  # transformer + activations = 26.8 GiB
-    ("bf16", NO_COMPILE, [24], "group_offload", False),
+    ("bf16", NO_COMPILE, [28], "model_offload", False),
+    ("bf16", NO_COMPILE, [24], "model_offload", False),  # the transformer alone + 0.8 GiB to denoise = 23.0 GiB
+    ("bf16", NO_COMPILE, [20], "group_offload", False),
     ("bnb-nf4", {}, [24], "gpu", False),
-    ("bnb-nf4", {}, [16], "gpu", True),
+    ("bnb-nf4", {}, [16], "gpu", False),  # measured peak 13.1 GiB
+    ("bnb-nf4", {}, [12], "gpu", True),
     ("bnb-nf4-offload", {}, [80], "model_offload", False),  # forced by the preset
     ("torchao-int8wo", {}, [24], "gpu", False),
     ("gguf-q2k", {}, [24], "gpu", False),
-    ("fp8-layerwise", {}, [24], "gpu", True),
+    ("fp8-layerwise", {}, [34], "gpu", False),
+    # Cast to fp8 on the GPU after loading in bf16 (31.6 GiB while loading): model offload casts on the CPU.
+    ("fp8-layerwise", {}, [24], "model_offload", False),
     ("fp8-layerwise-group-offload", {}, [16], "group_offload", False),
+    ("fast", {}, [48], "gpu", False),  # serves in 18.4 GiB, loads in 42.7 GiB
     ("tiny", {}, [], "gpu", False),  # forced; on a CPU-only worker apply_placement keeps it on the CPU
     ("bf16", {}, [], "cpu", False),
 ]
@@ -57,7 +65,7 @@ REFUSALS = [
     ("quanto-int8", {"placement": {"policy": "group_offload"}}, [80], "#12610"),
     ("torchao-int8wo", {"placement": {"policy": "group_offload"}, **NO_COMPILE}, [80], "use_stream"),
     ("bf16", {"placement": {"policy": "group_offload"}}, [80], "fullgraph"),
-    ("bf16", {}, [24, 24], "does not fit"),  # fullgraph compile rules out group offload; nothing else fits
+    ("bf16", {}, [20, 20], "does not fit"),  # fullgraph compile rules out group offload; nothing else fits
 ]
 
 
@@ -73,15 +81,12 @@ def test_torchao_group_offload_without_streams_is_allowed() -> None:
     assert plan_placement(p, [24 * GIB]).policy == "group_offload"
 
 
-# Seed (HF blog, H100): memory after loading, GiB (its "GB" are max_memory_reserved / 1024**3).
+# Seed (HF blog, H100): memory after loading, GiB (its "GB" are max_memory_reserved / 1024**3). Left out where
+# this project's versions measure otherwise (the table below): the seed's kept T5's ``wo`` out of quantization
+# (in fp32 under bitsandbytes: bnb-nf4 12.58, bnb-int8 19.27; in bf16 under torchao: torchao-int8wo 17.02,
+# torchao-fp8wo 17.02, torchao-int4 10.64) and stored quanto's int4 larger (quanto-int4 12.25; measured 10.26).
 SEED_AFTER_LOAD = [
     ("bf16", 31.447),
-    ("bnb-nf4", 12.584),
-    ("bnb-int8", 19.273),
-    ("torchao-int4", 10.635),
-    ("torchao-int8wo", 17.020),
-    ("torchao-fp8wo", 17.016),
-    ("quanto-int4", 12.254),
     ("quanto-int8", 17.330),
     ("quanto-fp8", 16.395),
     ("gguf-q2k", 13.264),
@@ -97,10 +102,79 @@ def test_estimates_are_calibrated_against_the_seed(name: str, seed_gib: float) -
     assert estimate == pytest.approx(seed_gib, rel=0.05)
 
 
-def test_group_offload_peak_matches_the_seed() -> None:
-    # Seed: fp8 layerwise + leaf-level group offload with streams peaks at 14.232 GiB.
-    plan = plan_placement(preset("fp8-layerwise-group-offload"), [80 * GIB])
-    assert plan.expected_peak_bytes / GIB == pytest.approx(14.232, rel=0.1)
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+RUN = re.compile(r"(\d{4}-\d{2}-\d{2})-call(\d+)")
+
+
+def gpu_measurements() -> dict[tuple[str, int], tuple[str, float, float]]:
+    """The latest GPU measurement of each preset (and GPU count) in benchmarks/results/, read from the JSON.
+
+    Two layouts: benchmarks/gpu_bench.py (``records`` with ``mem_after_load_gib``; anchors, which load
+    ``FluxPipeline`` without a preset, and variants of a preset are left out) and benchmarks/gpu_presets_smoke.py
+    (a list with ``after_load_gib``, summed over the GPUs). Returns (file, GiB after load, GiB peak).
+    """
+    known = set(preset_names(DEFAULT_PRESETS_DIR))
+    runs = [(m.groups(), p) for p in RESULTS.glob("*NVIDIA*.json") if (m := RUN.search(p.name))]
+    latest: dict[tuple[str, int], tuple[str, float, float]] = {}
+    for _, path in sorted(runs, key=lambda run: (run[0][0], int(run[0][1]))):
+        data = json.loads(path.read_text())
+        records = data.get("records", []) if isinstance(data, dict) else data
+        gpus = int(m.group(1)) if (m := re.match(r"(\d+)x-", path.name)) else 1
+        for r in records:
+            after, peak = r.get("mem_after_load_gib", r.get("after_load_gib")), r.get("peak_gib")
+            if r.get("preset") not in known or r.get("anchor") or r.get("variant") or None in (after, peak):
+                continue
+            latest[(r["preset"], gpus)] = (path.name, float(after), float(peak))
+    return latest
+
+
+MEASURED = gpu_measurements()
+
+
+def test_the_measurements_cover_the_presets_the_issue_names() -> None:
+    # The table below must not go quiet: fast and lean, and the backends measured so far.
+    assert {("fast", 1), ("lean", 1), ("bf16", 1), ("bnb-nf4", 1), ("torchao-int4", 2)} <= set(MEASURED)
+    assert len(MEASURED) >= 14, sorted(MEASURED)
+
+
+@pytest.mark.parametrize(("name", "gpus"), sorted(MEASURED))
+def test_estimates_match_gpu_measurements(name: str, gpus: int) -> None:
+    """After load and peak within 10% of the latest measurement of each preset.
+
+    As of this writing (file: GiB after load / peak): fast call29 16.15/18.53, lean call8 9.34/11.72, bf16
+    call16-smoke 31.43/33.84, torchao-fp8-dynamic-row call29 16.05/18.46, bnb-nf4 call12-smoke 10.66/13.08,
+    bnb-nf4-offload call6 0.0/6.98, fp8-layerwise call6 23.42/25.83, fp8-layerwise-group-offload call12-smoke
+    9.27/11.68, quanto-int8 call12-smoke 17.06/19.47, quanto-fp8 call12-smoke 16.05/18.46, quanto-int4
+    call16-smoke 10.26/12.67, torchao-fp8wo call13-smoke 16.05/18.47, torchao-int4 call11-smoke 8.86/11.27 and
+    on two H200s (balanced, summed over the GPUs) call9 8.86/11.53; all H100 80GB but the last.
+    """
+    source, after_gib, peak_gib = MEASURED[(name, gpus)]
+    plan = plan_placement(preset(name), [80 * GIB] * gpus)
+    # The measurements sum memory_allocated / max_memory_allocated over the GPUs.
+    assert plan.after_load_bytes / GIB == pytest.approx(after_gib, rel=0.1), source
+    assert sum(plan.gpu_peaks) / GIB == pytest.approx(peak_gib, rel=0.1), source
+
+
+def test_load_peak_of_fast_matches_the_probe() -> None:
+    # The fast preset converts its bf16 weights on the GPU: measured step by step on an H200.
+    probe = json.loads((RESULTS / "NVIDIA-H200-2026-12-02-load-peak-probe.json").read_text())["stages"]
+    fast = preset("fast")
+    peak, step = load_peak(fast, COMPONENTS, straight_to_gpu=True)
+    measured = max(stage["peak_gib"] for stage in probe.values())
+    assert peak / GIB == pytest.approx(measured, rel=0.05)
+    assert "transformer" in step and probe["after_transformer_fp8"]["peak_gib"] == measured
+    assert sum(component_bytes(fast, speed=False).values()) / GIB == pytest.approx(
+        probe["bf16_loaded"]["alloc_gib"], rel=0.02
+    )
+    assert sum(component_bytes(fast).values()) / GIB == pytest.approx(probe["served_after_load"]["alloc_gib"], rel=0.02)
+    plan = plan_placement(fast, [80 * GIB])
+    assert plan.load_peak_bytes == peak > plan.expected_peak_bytes
+
+
+def test_a_preset_quantized_while_loading_has_no_higher_load_peak() -> None:
+    for name in ("bf16", "bnb-nf4", "lean", "torchao-fp8-dynamic-row"):
+        plan = plan_placement(preset(name), [80 * GIB])
+        assert plan.load_peak_bytes == plan.after_load_bytes < plan.expected_peak_bytes, name
 
 
 @pytest.mark.parametrize(
@@ -148,3 +222,34 @@ def cli(*args: str) -> str:
 def test_planner_and_cli_never_import_torch() -> None:
     code = "import sys, fluxfleet.planner, producer.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def numbers_after(label: str, text: str) -> float:
+    match = re.search(re.escape(label) + r" ([\d.]+) GiB", text)
+    assert match, f"no '{label} N GiB' in: {text}"
+    return float(match.group(1))
+
+
+def test_plan_shows_fast_serving_on_24_gib_and_its_load_time_peak() -> None:
+    _, after_gib, peak_gib = MEASURED[("fast", 1)]
+    out = " ".join(cli("plan", "--preset", "fast", "--gpu-memory", "24GiB").split())  # rich may wrap lines
+    # Serving is what the H100 measured (16.15 / 18.53 GiB), and fits 24 GiB...
+    assert numbers_after("after load:", out) == pytest.approx(after_gib, rel=0.1)
+    assert numbers_after("serving peak:", out) == pytest.approx(peak_gib, rel=0.1)
+    assert "fp8 dynamic_row_plain (speed)" in out  # the component table shows the [speed] conversion
+    # ...but the bf16 weights land on the GPU first, and the plain fp8 swap holds both copies of the transformer.
+    assert numbers_after("load-time peak:", out) > 40
+    assert "although serving (18.4 GiB) fits" in out and "out of memory while loading" in out
+    plan = json.loads(cli("plan", "--preset", "fast", "--gpu-memory", "24GiB", "--json"))
+    assert plan["expected_peak_bytes"] < 23 * GIB < plan["load_peak_bytes"]
+    assert (plan["fits"], plan["load_fits"]) == (False, False)
+    assert plan["after_load_bytes"] / GIB == pytest.approx(after_gib, rel=0.1)
+
+
+def test_plan_mentions_the_load_time_peak_only_where_it_differs() -> None:
+    roomy = cli("plan", "--preset", "fast", "--gpu-memory", "48GiB")
+    assert "load-time peak:" in roomy and "warning" not in roomy
+    assert json.loads(cli("plan", "--preset", "fast", "--gpu-memory", "48GiB", "--json"))["fits"] is True
+    for name in ("bf16", "lean"):
+        out = cli("plan", "--preset", name, "--gpu-memory", "80GiB")
+        assert "serving peak:" in out and "load-time peak" not in out, name

@@ -68,7 +68,7 @@ def test_presets_json_describes_each_preset() -> None:
 
 
 def test_plan_command_prints_decision_and_estimates() -> None:
-    result = CliRunner().invoke(app, ["plan", "--preset", "bnb-nf4", "--gpu-memory", "16GiB", "--json"])
+    result = CliRunner().invoke(app, ["plan", "--preset", "bnb-nf4", "--gpu-memory", "12GiB", "--json"])
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert plan["policy"] == "gpu" and plan["text_encoder_off_gpu_after_encode"] is True

@@ -48,6 +48,9 @@ class MemoryRecord:
 
     components: dict[str, int] = field(default_factory=dict)
     after_load_bytes: int = 0
+    load_peak_bytes: int = 0
+    """Most bytes allocated while loading (conversions after loading, the [speed] warm-up): the planner's
+    ``load_peak_bytes``."""
     peak_bytes: int = 0
     last_peak_bytes: int = 0
 
@@ -55,6 +58,7 @@ class MemoryRecord:
         return {
             "components": dict(self.components),
             "after_load_bytes": self.after_load_bytes,
+            "load_peak_bytes": self.load_peak_bytes,
             "peak_bytes": self.peak_bytes,
             "last_peak_bytes": self.last_peak_bytes,
         }
@@ -78,11 +82,16 @@ def record_after_load(pipe: Any, preset_name: str, device: str) -> MemoryRecord:
     if torch is not None:
         # Summed over the worker's GPUs: a balanced placement spreads the components.
         record.after_load_bytes = sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
+        # Read before the reset below: nothing else keeps the peak of loading (bf16 weights before an fp8
+        # conversion can need more than serving).
+        record.load_peak_bytes = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
     else:
         record.after_load_bytes = sum(record.components.values())
-    logger.info("preset %s: %.2f GiB after load on %s", preset_name, record.after_load_bytes / GIB, device)
+    # The peak while loading is known on a GPU only (the CPU keeps no allocation counter).
+    peak = f" (peak while loading {record.load_peak_bytes / GIB:.2f} GiB)" if torch is not None else ""
+    logger.info("preset %s: %.2f GiB after load on %s%s", preset_name, record.after_load_bytes / GIB, device, peak)
     return record
 
 

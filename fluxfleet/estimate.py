@@ -1,0 +1,224 @@
+"""Memory estimate of a preset: bytes per component once served, bytes while loading, working memory per stage.
+
+Pure numbers, no torch. Parameter counts of the FLUX.1-dev components (counted on the GPU: the transformer's
+linear weights 11,898,322,944, T5's 4,630,511,616, as below) times the bytes per weight that the preset's
+quantization backend and its ``[speed]`` fp8 conversion leave, plus the working memory of the stage that runs
+(text encoding, denoising, VAE decoding). All figures are ``torch.cuda.memory_allocated`` bytes, what the
+worker records (``workers/backends/footprint.py``) and ``benchmarks/results/`` holds; ``tests/test_planner.py``
+checks every preset measured there against these numbers::
+
+    component_bytes(preset)            # {"transformer": ..., ...} once loaded and converted
+    load_peak(preset, COMPONENTS)      # (bytes, what sets it) while loading on one GPU
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fluxfleet.errors import ConfigurationError
+from fluxfleet.presets import Preset
+
+GIB = 1024**3
+
+# Parameter counts of FLUX.1-dev, by group. "modulation" are the AdaLayerNorm linears (names contain
+# "norm"): layerwise casting skips them, so they stay in the compute dtype. "kept" is T5's ``wo``, which
+# transformers' ``_keep_in_fp32_modules`` may keep out of quantization (see ``_kept_bytes``). The
+# transformer's "other" are its linears' biases (and the q/k norms' weights).
+PARAMS: dict[str, dict[str, int]] = {
+    "transformer": {"linear": 8_651_931_648, "modulation": 3_246_391_296, "other": 3_085_376},
+    "text_encoder_2": {"linear": 3_623_878_656, "kept": 1_006_632_960, "other": 131_799_040},
+    "text_encoder": {"other": 123_060_480},
+    "vae": {"other": 83_819_683},
+}
+LARGEST_LINEAR = 56_623_104  # one 3072x18432 modulation linear: the unit of leaf-level group offload
+LARGEST_BLOCK = 339_831_296  # one double-stream block: the unit of block-level group offload
+T5_LARGEST_LINEAR = 41_943_040  # one 4096x10240 feed-forward linear
+# 19 double-stream blocks x 6 (q, k, v and the text stream's added q, k, v) + 38 single-stream x 3 projections,
+# each 3072x3072: diffusers' fuse_projections builds all the fused copies before workers.speed.fuse_qkv drops
+# the unfused ones (measured on an H200: +4.06 GiB during the fusion, none after).
+QKV_PARAMS = (19 * 6 + 38 * 3) * 3072 * 3072
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+COMPONENTS = tuple(PARAMS)
+STAGE_OF = {"text_encoder": "encode", "text_encoder_2": "encode", "transformer": "denoise", "vae": "decode"}
+
+# Working memory of each stage at 1024x1024, batch 1, 512 text tokens: allocated bytes above the weights at
+# that stage's peak. Fitted to the measurements, and the same for every backend within 0.05 GiB:
+# decode: peak minus after-load with the whole pipeline resident (its peak is the VAE decode): bf16 2.41
+#   (call29), bnb-nf4 2.41 (call12), torchao-int4 2.41 (call11), quanto-int8 2.41 (call12), fp8-layerwise
+#   2.41 (call6), fast 2.38 (call29), lean 2.38 (call8) GiB, all H100; one VAE decode alone on an H200: 2.37.
+# denoise: bnb-nf4-offload's peak (call6: 6.98 GiB with only the NF4 transformer, ~6.28 GiB, on the GPU):
+#   0.70; one eager fp8 transformer forward on an H200: 0.87. Taken as 0.8.
+# encode: lean before quantize_t5_wo (call6, encoders moved off after encoding, so its peak is the encode
+#   with everything resident): 0.26; fp8 weight-only T5 on an H200 (dequantizes each weight): 0.39.
+STAGE_BYTES_1MP = {"encode": int(0.4 * GIB), "denoise": int(0.8 * GIB), "decode": int(2.4 * GIB)}
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+GGUF_BITS = {"Q2_K": 2.625, "Q3_K": 3.4375, "Q4_0": 4.5, "Q4_1": 5.0, "Q4_K": 4.5, "Q5_0": 5.5, "Q5_1": 6.0}
+GGUF_BITS |= {"Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5, "F16": 16.0, "BF16": 16.0}
+# workers.fp8_linear.swap_to_fp8 walks ``list(model.modules())``, which keeps every replaced bf16 layer
+# alive until the walk ends: a component's bf16 and fp8 weights are both held while it converts (measured on
+# an H200: 42.76 GiB while the fast preset's transformer converts, 31.43 GiB before). torchao's quantize_
+# replaces weights one module at a time.
+SPEED_HOLDS_BOTH = ("dynamic_row_plain", "weight_only_plain")
+
+
+def _dtype_bytes(name: str) -> float:
+    return float(DTYPE_BYTES[name])
+
+
+def linear_bytes_per_weight(preset: Preset) -> float:
+    """Bytes per weight of a quantized linear layer, scales and zero points included."""
+    q, opts = preset.quantization, preset.quantization.options
+    if q.backend == "bitsandbytes":
+        if int(opts.get("bits", 4)) == 8:
+            return 1.0
+        # 4-bit codes plus one fp32 absmax per 64 weights; nested quantization stores it in 8 bits.
+        return 0.5 + (1 / 64 + 4 / (64 * 256) if opts.get("double_quant", False) else 4 / 64)
+    if q.backend in ("torchao", "quanto"):
+        kind = str(opts.get("type", opts.get("weights", "int8")))
+        if "int4" in kind:
+            # Packed int4 plus a bf16 scale and zero point per group (quanto's groups are 128 too); measured:
+            # torchao-int4's transformer 6,330,368,128 bytes (call11), quanto-int4 10.26 GiB (call16).
+            return 0.5 + 4 / int(opts.get("group_size", 128))
+        return 1.0
+    if q.backend == "gguf":
+        quant_type = str(opts.get("quant_type", "Q8_0")).upper()
+        if quant_type not in GGUF_BITS:
+            raise ConfigurationError(
+                f"preset '{preset.name}': quantization.options.quant_type '{quant_type}' "
+                f"is not one of {sorted(GGUF_BITS)}"
+            )
+        return GGUF_BITS[quant_type] / 8
+    if q.backend == "layerwise":
+        return 1.0  # float8 storage
+    return _dtype_bytes(preset.dtype)
+
+
+def no_estimate_reason(preset: Preset) -> str | None:
+    """Why FLUX.1-dev's parameter counts say nothing about this preset's model; None when they apply."""
+    if preset.estimate.applies:
+        return None
+    return preset.estimate.reason or "the preset's model is not FLUX.1-dev-sized"
+
+
+def quantized_components(preset: Preset) -> set[str]:
+    """Components the quantization backend (not ``[speed]``) stores quantized."""
+    q = preset.quantization
+    if q.backend == "none":
+        return set()
+    return {"transformer"} if q.backend == "gguf" else set(q.components)  # a GGUF file holds the transformer
+
+
+def speed_fp8(preset: Preset) -> dict[str, str]:
+    """Components that ``[speed]`` converts to fp8 after loading, with the scheme. A component the backend
+    already quantized is left alone: its linear weights are no longer bf16, which the fp8 swap requires."""
+    done = quantized_components(preset)
+    wanted = {"transformer": preset.speed.transformer_fp8, "text_encoder_2": preset.speed.text_encoder_2_fp8}
+    return {c: kind for c, kind in wanted.items() if kind != "none" and c not in done}
+
+
+def _kept_bytes(preset: Preset, per_weight: float) -> float:
+    """Bytes per weight of T5's ``wo`` when T5 is quantized. Measured with transformers 5.17: bitsandbytes and
+    quanto's transformers integration keep it unquantized in the compute dtype (bnb-nf4 10.67 GiB, call12;
+    quanto-int8's T5 5,902,513,280 bytes, call12), torchao quantizes it (torchao-int4's T5 2,723,557,376
+    bytes, call11; torchao-fp8wo 16.05 GiB, call13). The seed's older versions kept it in fp32 under bnb."""
+    q = preset.quantization
+    direct = (q.backend == "quanto" and _quanto_direct(q.options)) or (
+        q.backend == "bitsandbytes" and bool(q.options.get("quantize_t5_wo"))
+    )
+    return per_weight if direct or q.backend == "torchao" else _dtype_bytes(preset.dtype)
+
+
+def _quanto_direct(options: dict[str, Any]) -> bool:
+    return bool(options.get("direct", str(options.get("weights", "int8")) == "float8"))
+
+
+def component_bytes(preset: Preset, speed: bool = True) -> dict[str, int]:
+    """Estimated bytes of each component once loaded, after the ``[speed]`` fp8 conversion (``speed=False``:
+    before it). Raises ``ConfigurationError`` for a preset without an estimate rather than return FLUX.1-dev
+    numbers."""
+    why = no_estimate_reason(preset)
+    if why is not None:
+        raise ConfigurationError(f"preset '{preset.name}' has no memory estimate: {why}")
+    dtype_b = _dtype_bytes(preset.dtype)
+    quantized = quantized_components(preset)
+    converted = speed_fp8(preset) if speed else {}
+    per_weight = linear_bytes_per_weight(preset)
+    out: dict[str, int] = {}
+    for name, groups in PARAMS.items():
+        total = groups.get("other", 0) * dtype_b
+        linears = sum(v for k, v in groups.items() if k != "other")
+        if name in converted:
+            # Every linear of both components has sizes the fp8 GEMM accepts; biases stay in the dtype.
+            # (The fp32 scale per output row adds ~0.1%.)
+            total += linears * 1.0
+        elif name in quantized:
+            total += groups.get("linear", 0) * per_weight
+            # Layerwise casting skips the norm (modulation) linears; other backends quantize them.
+            total += groups.get("modulation", 0) * (
+                dtype_b if preset.quantization.backend == "layerwise" else per_weight
+            )
+            total += groups.get("kept", 0) * _kept_bytes(preset, per_weight)
+        else:
+            total += linears * dtype_b
+        out[name] = int(total)
+    return out
+
+
+def _converted_after_load(preset: Preset) -> set[str]:
+    """Components a backend quantizes after ``from_pretrained`` (not while loading): layerwise casting and
+    quanto's direct quantize/freeze."""
+    q = preset.quantization
+    if q.backend == "layerwise" or (q.backend == "quanto" and _quanto_direct(q.options)):
+        return set(q.components)
+    return set()
+
+
+def load_peak(preset: Preset, on_gpu: tuple[str, ...] | list[str], straight_to_gpu: bool) -> tuple[int, str]:
+    """Largest allocation on one GPU while loading the components ``on_gpu`` there, and the step that sets it.
+
+    ``straight_to_gpu``: ``from_pretrained`` puts them on the GPU (``device_map``, workers/placement.py), so a
+    backend that quantizes after loading does it there, from bf16. The ``[speed]`` steps run once the pipeline
+    is placed, always on the GPU: fusing QKV, then the transformer's fp8 conversion, then T5's.
+    """
+    names = [c for c in COMPONENTS if c in on_gpu]
+    served, plain = component_bytes(preset), component_bytes(preset, speed=False)
+    dtype_b = _dtype_bytes(preset.dtype)
+    bf16 = {c: int(sum(PARAMS[c].values()) * dtype_b) for c in COMPONENTS}
+    late = _converted_after_load(preset) if straight_to_gpu else set()
+    now = sum(bf16[c] if c in late else plain[c] for c in names)
+    steps = [(now, "loading")]
+    for c in (c for c in names if c in late):
+        steps.append((now + 4 * _largest_linear(c), f"the backend quantizing {c} on the GPU"))
+        now += plain[c] - bf16[c]
+    if preset.speed.fuse_qkv and "transformer" in names:
+        steps.append((now + int(QKV_PARAMS * dtype_b), "fusing QKV (fused and unfused projections both held)"))
+    for c, kind in speed_fp8(preset).items():
+        if c in names:
+            held = served[c] if kind in SPEED_HOLDS_BOTH else 0
+            what = "its bf16 and fp8 copies both held" if held else "one layer at a time"
+            steps.append((now + held + 4 * _largest_linear(c), f"the [speed] fp8 conversion of {c} ({what})"))
+            now += served[c] - plain[c]
+    return max(steps)
+
+
+def _largest_linear(component: str) -> int:
+    # The conversion of one layer holds an fp32 copy of its weight.
+    return {"transformer": LARGEST_LINEAR, "text_encoder_2": T5_LARGEST_LINEAR}.get(component, 0)
+
+
+def stage_bytes(preset: Preset) -> dict[str, int]:
+    """Working memory of each stage, scaled from 1024x1024 by the largest image, the batch and the tokens."""
+    width = int(preset.defaults.get("width", 1024))
+    height = int(preset.defaults.get("height", 1024))
+    for w, h in preset.warmup.shapes:
+        width, height = max(width, w), max(height, h)
+    pixels = width * height / (1024 * 1024) * preset.batch_size
+    tokens = int(preset.defaults.get("max_sequence_length", 512)) / 512 * preset.batch_size
+    scale = {"encode": tokens, "denoise": pixels, "decode": pixels}
+    return {stage: int(b * scale[stage]) for stage, b in STAGE_BYTES_1MP.items()}
+
+
+def working_bytes(stages: dict[str, int], components: tuple[str, ...] | list[str] | set[str]) -> int:
+    """The largest working memory among the stages these components run."""
+    return max((stages[STAGE_OF[c]] for c in components), default=0)
