@@ -1,7 +1,7 @@
 """Memory estimate of a preset: bytes per component once served, bytes while loading, working memory per stage.
 
-Pure numbers, no torch. Parameter counts of the FLUX.1-dev components (counted on the GPU: the transformer's
-linear weights 11,898,322,944, T5's 4,630,511,616, as below) times the bytes per weight that the preset's
+Pure numbers, no torch. Parameter counts of the FLUX.1-dev components (as counted on the built models in
+``benchmarks/results/NVIDIA-H200-2026-12-02-load-peak-probe.json``) times the bytes per weight that the preset's
 quantization backend and its ``[speed]`` fp8 conversion leave, plus the working memory of the stage that runs
 (text encoding, denoising, VAE decoding). All figures are ``torch.cuda.memory_allocated`` bytes, what the
 worker records (``workers/backends/footprint.py``) and ``benchmarks/results/`` holds; ``tests/test_planner.py``
@@ -42,7 +42,7 @@ COMPONENTS = tuple(PARAMS)
 STAGE_OF = {"text_encoder": "encode", "text_encoder_2": "encode", "transformer": "denoise", "vae": "decode"}
 
 # Working memory of each stage at 1024x1024, batch 1, 512 text tokens: allocated bytes above the weights at
-# that stage's peak. Fitted to the measurements, and the same for every backend within 0.05 GiB:
+# that stage's peak. Fitted to these measurements (the decode figure is the same for every backend within 0.05 GiB):
 # decode: peak minus after-load with the whole pipeline resident (its peak is the VAE decode): bf16 2.41
 #   (call29), bnb-nf4 2.41 (call12), torchao-int4 2.41 (call11), quanto-int8 2.41 (call12), fp8-layerwise
 #   2.41 (call6), fast 2.38 (call29), lean 2.38 (call8) GiB, all H100; one VAE decode alone on an H200: 2.37.
