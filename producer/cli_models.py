@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -61,12 +62,24 @@ def _estimate_label(preset: Preset) -> str:
     return f"{sum(component_bytes(preset).values()) / GIB:.1f}"
 
 
+GRAPH_BREAKS_MARK = "*"  # explained under the table: the compile label stays one short word
+
+
 def _compile_label(preset: Preset) -> str:
     if not preset.compile.enabled:
         return "off"
     return ("regional" if preset.compile.regional else "whole") + (
-        "" if preset.compile.fullgraph else " (graph breaks ok)"
+        "" if preset.compile.fullgraph else GRAPH_BREAKS_MARK
     )
+
+
+# Below this width the description and quantized components leave the table for a list under it:
+# the preset names, which a user types, are never wrapped or cut.
+PRESETS_TABLE_MIN_WIDTH = 150
+
+
+def _quantized(preset: Preset) -> str:
+    return ", ".join(c for c, b in component_backends(preset).items() if b != "none") or "-"
 
 
 @app.command()
@@ -80,19 +93,36 @@ def presets(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         print(json.dumps([describe(p) for p in rows]))
         return
-    table = Table("preset", "backend", "components", "placement", "compile", "est. GiB", "items/task", "description")
+    wide = console.width >= PRESETS_TABLE_MIN_WIDTH
+    # No vertical rules, two spaces between columns: at 80 columns every name and number fits whole.
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("preset", no_wrap=True)
+    table.add_column("backend", no_wrap=True)
+    if wide:
+        table.add_column("quantized")
+    table.add_column("placement", no_wrap=True)
+    table.add_column("compile", no_wrap=True)
+    table.add_column("est. GiB", justify="right")
+    table.add_column("items per task", justify="right")
+    if wide:
+        table.add_column("description")
     for p in rows:
-        table.add_row(
-            _plain(p.name),
-            _plain(p.quantization.backend),
-            _plain(",".join(c for c, b in component_backends(p).items() if b != "none") or "-"),
-            _plain(p.placement.policy),
-            _compile_label(p),
-            _estimate_label(p),
-            str(p.max_items_per_task),
-            _plain(p.description),
-        )
+        cells = [p.name, p.quantization.backend] + ([_quantized(p)] if wide else [])
+        cells += [p.placement.policy, _compile_label(p), _estimate_label(p), str(p.max_items_per_task)]
+        table.add_row(*map(_plain, cells), *([_plain(p.description)] if wide else []))
     console.print(table)
+    if any(_compile_label(p).endswith(GRAPH_BREAKS_MARK) for p in rows):
+        console.print(f"{GRAPH_BREAKS_MARK} compiled without fullgraph: graph breaks allowed", markup=False)
+    if not wide:
+        details = Table.grid(padding=(0, 2))
+        details.add_column(no_wrap=True)
+        details.add_column()
+        for p in rows:
+            quantized = _quantized(p)
+            details.add_row(
+                _plain(p.name), _plain(p.description + ("" if quantized == "-" else f" [quantized: {quantized}]"))
+            )
+        console.print(details)
     for p in rows:
         if why := no_estimate_reason(p):
             console.print(_plain(f"{p.name}: no memory estimate: {why}"))

@@ -59,7 +59,10 @@ def top(
     once: Annotated[bool, typer.Option(help="print one snapshot and exit")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON snapshot (rates need two reads)")] = False,
 ) -> None:
-    """Live view of workers, queues and jobs, from the workers' metrics endpoints and Redis."""
+    """Live view of workers, queues and jobs, from the workers' metrics endpoints and Redis.
+
+    Without a terminal (piped, or in a log) it prints a plain snapshot every INTERVAL seconds instead.
+    """
     from producer.top import Fleet, render
 
     fleet = Fleet(Settings(), extra_urls=worker or [], jobs=jobs)
@@ -73,6 +76,16 @@ def top(
             snapshot = fleet.snapshot()
             print(json.dumps(snapshot.as_dict()))
             return
+        if not console.is_terminal:
+            # A Live display draws nothing until it stops when there is no terminal: print snapshots.
+            while True:
+                snapshot = fleet.snapshot()
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snapshot.at))
+                console.print(f"fluxfleet top {stamp}", markup=False, highlight=False)
+                console.print(render(snapshot))
+                console.print()
+                console.file.flush()
+                time.sleep(interval)
         with Live(render(fleet.snapshot()), console=console, refresh_per_second=4, screen=False) as live:
             while True:
                 time.sleep(interval)

@@ -95,3 +95,22 @@ def test_demo_output_and_worker_log_are_readable(tmp_path: Path, tiny_model_dir:
     assert unexpected_lines(log) == [], log
     assert "celery.redirected" not in log, log
     assert "torch_dtype" not in log, log
+
+
+def test_presets_at_80_columns_shows_every_name_whole() -> None:
+    from fluxfleet.presets import preset_names
+    from fluxfleet.settings import Settings
+
+    # Given no terminal and 80 columns, as in a CI log or a pipe
+    env = {**os.environ, "COLUMNS": "80"}
+    fluxfleet = str(Path(sys.executable).parent / "fluxfleet")
+    proc = subprocess.run([fluxfleet, "presets"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    # Then each preset starts a table row with its whole name, then its description line; nothing is cut
+    names = preset_names(Settings().presets_dir)
+    assert len(names) >= 20
+    for name in names:
+        assert sum(line.split()[:1] == [name] for line in lines) == 2, f"{name}:\n{proc.stdout}"
+    assert "…" not in proc.stdout and max(len(line) for line in lines) <= 80, proc.stdout
+    assert "est." in proc.stdout and "n/a" in proc.stdout  # the numbers stay in the table
