@@ -197,6 +197,11 @@ class JobStore:
         raw = cast(dict[str, str], self.r.hgetall(self._k(job_id, "tasks")))
         return [TaskPayload.model_validate_json(v) for v in raw.values()]
 
+    def task_payload(self, job_id: str, task_id: str) -> TaskPayload | None:
+        """The task as submitted under its job, or None if the job holds no task of that id."""
+        raw = cast(str | None, self.r.hget(self._k(job_id, "tasks"), task_id))
+        return TaskPayload.model_validate_json(raw) if raw else None
+
     # -- worker side ---------------------------------------------------------------------------
     def state(self, job_id: str) -> str | None:
         return cast(str | None, self.r.hget(self._k(job_id), "state"))

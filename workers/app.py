@@ -11,18 +11,20 @@ import logging
 import os
 import signal
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
 from celery.worker.consumer import Consumer
 
-from fluxfleet import retry
+from fluxfleet import deadletter, retry
 from fluxfleet.celery_config import make_celery
 from fluxfleet.errors import BrokerUnavailable, FluxfleetError, PermanentStorageError, StorageError, TransientError
-from fluxfleet.jobs import JobStore
+from fluxfleet.jobs import JobStore, redis_client
 from fluxfleet.keys import TASK_GENERATE
 from fluxfleet.presets import Preset, effective_defaults
 from fluxfleet.schema import TaskPayload
@@ -30,6 +32,7 @@ from fluxfleet.settings import Settings
 from fluxfleet.storage import open_storage
 from workers.metrics import retry_reason
 from workers.timeouts import request_class
+from workers.transport import FleetTransport
 
 logger = logging.getLogger(__name__)
 
@@ -40,37 +43,98 @@ class Runtime:
     engine: Any = None
     failure_file: Path | None = None
     settings: Settings | None = None
+    rejections: redis.Redis | None = None
 
 
 runtime = Runtime()
 
 
-def count_rejected(reason: str) -> None:
-    """Count a refused message in Redis (``fluxfleet:rejected``); never raises."""
+def _rejections() -> redis.Redis:
+    """This process's client for counting refusals (redis-py re-makes its connections in a forked child)."""
+    if runtime.rejections is None:
+        assert runtime.settings is not None
+        runtime.rejections = redis_client(runtime.settings.broker)
+    return runtime.rejections
+
+
+def refuse(reason: str, detail: str, raw: Any, queue: str = "") -> None:
+    """Log a refused message, count it under ``reason`` and keep it in the dead-letter list; never raises."""
+    logger.error("refused a message on queue %s: %s (%s)", queue or "?", detail, reason)
     if runtime.settings is None:
         return
+    if not isinstance(raw, bytes | str):
+        raw = json.dumps(raw, default=repr, ensure_ascii=False)
     try:
-        JobStore.from_settings(runtime.settings.broker).count_rejected(reason)
+        deadletter.refuse(
+            _rejections(), runtime.settings.broker.key_prefix, reason=reason, queue=queue, raw=raw, detail=detail
+        )
     except Exception as e:
-        logger.warning("could not count a rejected message: %s", e)
+        logger.warning("could not count a refused message: %s", e)
+
+
+def _queue_of(message: Any) -> str:
+    info = getattr(message, "delivery_info", None)
+    return str(info.get("routing_key") or "") if isinstance(info, dict) else ""
+
+
+def _envelope_of(message: Any) -> Any:
+    """What arrived: kombu's parsed envelope (its virtual transports keep it), else the body."""
+    return getattr(message, "_raw", None) or getattr(message, "body", "")
 
 
 class FleetConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, counting the messages it refuses (pickle and other content types, malformed)."""
+    """Celery's consumer, refusing (counted, dead-lettered, never run) every message that is not a
+    ``fluxfleet.generate`` task it can read. ``workers.transport`` has already refused what kombu itself
+    could not parse; these hooks catch what Celery refuses after it."""
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        handle = super().create_task_handler(*args, **kwargs)
+
+        def on_task_received(message: Any) -> Any:
+            headers = message.headers if isinstance(message.headers, dict) else {}
+            name = headers.get("task")
+            if name != TASK_GENERATE:
+                # Celery's built-in tasks (celery.group, celery.chord, ...) are registered too: never run them.
+                detail = f"no task {name!r} on a fluxfleet worker"
+                refuse("unknown_task", detail, _envelope_of(message), _queue_of(message))
+                return message.reject_log_error(logger, self.connection_errors)
+            try:
+                return handle(message)
+            except self.connection_errors:
+                raise
+            except Exception as e:
+                # Anything else Celery raises while reading one message would stop the worker ("Unrecoverable
+                # error"): refuse that message instead.
+                refuse("invalid_message", f"{type(e).__name__}: {e}", _envelope_of(message), _queue_of(message))
+                if not message.acknowledged:
+                    message.reject_log_error(logger, self.connection_errors)
+                return None
+
+        return on_task_received
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         from kombu.exceptions import ContentDisallowed
 
         reason = "content_type" if isinstance(exc, ContentDisallowed) else "undecodable"
-        count_rejected(reason)
+        refuse(reason, str(exc), _envelope_of(message), _queue_of(message))
         # Celery logs it and acknowledges it: the body is never deserialized, so never executed.
         super().on_decode_error(message, exc)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         from kombu.exceptions import ContentDisallowed
 
-        count_rejected("content_type" if isinstance(exc, ContentDisallowed) else "invalid_message")
+        reason = "content_type" if isinstance(exc, ContentDisallowed) else "invalid_message"
+        refuse(reason, str(exc), _envelope_of(message), _queue_of(message))
         super().on_invalid_task(body, message, exc)
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        refuse("unknown_message", "not a task message", _envelope_of(message), _queue_of(message))
+        super().on_unknown_message(body, message)
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        # Not Celery's own handler: that one stores a failure in the result backend, which fluxfleet disables.
+        refuse("unknown_task", str(exc), _envelope_of(message), _queue_of(message))
+        message.reject_log_error(logger, self.connection_errors)
 
 
 def watch_gpu_memory(limit_bytes: int, rss_limit_kib: int) -> None:
@@ -131,6 +195,14 @@ def start_engine(settings: Settings, preset: Preset) -> Any:
 def build_app(settings: Settings, preset: Preset, engine_factory: Any = start_engine) -> Celery:
     app = make_celery(settings, [preset.name], name=f"fluxfleet-{preset.name}")
     app.conf.worker_consumer = f"{FleetConsumer.__module__}:{FleetConsumer.__name__}"
+    # kombu's Redis transport, checking each message before kombu parses it (workers/transport.py).
+    app.conf.broker_transport = f"{FleetTransport.__module__}:{FleetTransport.__name__}"
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "fluxfleet_key_prefix": settings.broker.key_prefix,
+        # A memory guard only: decode_payload applies the exact limit to the decoded payload.
+        "fluxfleet_max_message_bytes": 4 * settings.limits.max_payload_bytes + 2**20,
+    }
     runtime.settings = settings
 
     @worker_process_init.connect(weak=False)
@@ -158,10 +230,20 @@ def build_app(settings: Settings, preset: Preset, engine_factory: Any = start_en
             runtime.engine.uploads.shutdown(wait=True)
 
     @app.task(name=TASK_GENERATE, bind=True, acks_late=True, Request=request_class(settings))
-    def generate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-        task = decode_payload(payload, settings)
-        if task is None:
+    def generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # Any arguments are accepted here and checked below, so a wrong call is refused and counted
+        # instead of failing inside Celery as a TypeError.
+        queue = _queue_of(self.request)
+        if len(args) != 1 or kwargs:
+            detail = f"the task takes one payload argument, not {len(args)} and keyword arguments {sorted(kwargs)}"
+            refuse("wrong_arguments", detail, {"args": args, "kwargs": kwargs}, queue)
             return {"rejected": True}
+        decoded = decode_payload(args[0], settings, preset, runtime.engine.model)
+        if isinstance(decoded, Refusal):
+            refuse(decoded.reason, decoded.detail, args[0], queue)
+            fail_submitted(decoded)
+            return {"rejected": True}
+        task = decoded
         try:
             outcome = runtime.engine.run(task, retries=self.request.retries)
         except SoftTimeLimitExceeded:
@@ -194,19 +276,64 @@ def build_app(settings: Settings, preset: Preset, engine_factory: Any = start_en
     return app
 
 
-def decode_payload(payload: Any, settings: Settings) -> TaskPayload | None:
-    """The task's payload, or None (logged and counted) when it breaks a limit or the schema."""
-    size = len(json.dumps(payload, separators=(",", ":")))
+@dataclass(frozen=True)
+class Refusal:
+    """Why a task is not run: ``reason`` is its label in ``<prefix>:rejected``, ``detail`` one sentence,
+    ``task`` the payload when it parsed."""
+
+    reason: str
+    detail: str
+    task: TaskPayload | None = None
+
+
+def decode_payload(payload: Any, settings: Settings, preset: Preset, model: str | None = None) -> TaskPayload | Refusal:
+    """The task's payload, or why it is refused: over a limit (``FLUXFLEET_LIMITS__*``, the preset's
+    ``max_items_per_task``), against the schema, or for another preset or model than this worker's
+    (``model``: what it loaded)."""
+    if not isinstance(payload, dict):
+        return Refusal("invalid", f"the task payload is a {type(payload).__name__}, not an object")
+    try:
+        size = len(json.dumps(payload, separators=(",", ":")))
+    except (TypeError, ValueError) as e:  # kombu's JSON hooks can decode tagged values into objects
+        return Refusal("invalid", f"the task payload holds a value that is not plain JSON ({e})")
     limit = settings.limits.max_payload_bytes
     if size > limit:
-        logger.error(
-            "rejected a task of %d bytes, over the limit of %d (FLUXFLEET_LIMITS__MAX_PAYLOAD_BYTES)", size, limit
+        return Refusal(
+            "too_large", f"a task of {size} bytes, over the limit of {limit} (FLUXFLEET_LIMITS__MAX_PAYLOAD_BYTES)"
         )
-        count_rejected("too_large")
-        return None
     try:
-        return TaskPayload.model_validate(payload)
+        task = TaskPayload.model_validate(payload)
     except (ValueError, FluxfleetError) as e:  # pydantic's ValidationError is a ValueError
-        logger.error("rejected an invalid task payload: %s", e)
-        count_rejected("invalid")
-        return None
+        return Refusal("invalid", f"invalid task payload: {e}")
+    if task.preset != preset.name:
+        return Refusal("wrong_preset", f"a task for preset {task.preset!r} reached a {preset.name!r} worker", task)
+    if model is not None and task.model != model:
+        return Refusal(
+            "wrong_model",
+            f"a task for model {task.model!r} reached a worker that loaded {model!r} (preset {preset.name!r}); "
+            "the producer and the worker must agree on the preset's model and FLUXFLEET_MODEL_DIR",
+            task,
+        )
+    if len(task.items) > preset.max_items_per_task:
+        return Refusal(
+            "too_many_items",
+            f"a task of {len(task.items)} items, over preset {preset.name!r}'s max_items_per_task of "
+            f"{preset.max_items_per_task}",
+            task,
+        )
+    return task
+
+
+def fail_submitted(refusal: Refusal) -> None:
+    """Fail the items of a refused task that its job really holds (the producer submitted exactly it), with
+    the reason, so that job still finishes; a task no job holds changes nothing."""
+    task, engine = refusal.task, runtime.engine
+    if task is None or engine is None:
+        return
+    try:
+        if engine.jobs.task_payload(task.job_id, task.task_id) != task:
+            return
+        failed = engine.fail_unfinished(task, refusal.detail, "invalid")
+        logger.error("task %s of job %s refused; %d items failed", task.task_id, task.job_id, failed)
+    except Exception:  # counted and dead-lettered already; its items stay without an outcome
+        logger.exception("could not fail the items of refused task %s", task.task_id)

@@ -121,12 +121,22 @@ class Engine:
 
     # -- checks (never trust the queue) -------------------------------------------------------
     def _check(self, payload: TaskPayload) -> None:
+        # Never generate or record under what a message claims: the preset and model are this worker's,
+        # and each key must hash them (a key of another model would later be served as "already stored").
         if payload.preset != self.preset.name:
             raise ValidationError(f"task for preset '{payload.preset}' reached a '{self.preset.name}' worker")
-        limits = self.settings.limits
-        if len(payload.items) > limits.max_images_per_job:
+        if payload.model != self.model:
             raise ValidationError(
-                f"{len(payload.items)} items in one task, over the limit of {limits.max_images_per_job}", field="items"
+                f"task for model '{payload.model}' reached a worker that loaded '{self.model}' (preset "
+                f"'{self.preset.name}'); the producer and the worker must agree on the model and FLUXFLEET_MODEL_DIR",
+                field="model",
+            )
+        limits = self.settings.limits
+        if len(payload.items) > self.preset.max_items_per_task:
+            raise ValidationError(
+                f"{len(payload.items)} items in one task, over preset '{self.preset.name}''s max_items_per_task "
+                f"of {self.preset.max_items_per_task}",
+                field="items",
             )
         for item in payload.items:
             where = item.source or f"item {item.index}"
@@ -139,7 +149,7 @@ class Engine:
             validate_params(item.params, self.settings.limits, where)
             validate_prompt(item.prompt, item.params.max_sequence_length, self.counter, where)
             expected = item_key(
-                model=payload.model, preset=payload.preset, prompt=item.prompt, seed=item.seed, params=item.params
+                model=self.model, preset=self.preset.name, prompt=item.prompt, seed=item.seed, params=item.params
             )
             if expected != item.key:
                 raise ValidationError("item key does not match its request", where=where, field="key")
