@@ -59,6 +59,8 @@ class LocalStorage(Storage):
         """(descriptor of the key's directory, the key's last name, the key's path), walked from the
         root without following a link; ``create`` makes missing directories on the way."""
         parts = self._parts(key)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         path = self.root
         try:
@@ -106,7 +108,8 @@ class LocalStorage(Storage):
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with self._directory(".write-check", create=False) as (fd, name, _):
-                os.unlink(self._write_temp(fd, name, b""), dir_fd=fd)
+                # A few bytes, not none: a full disk still has inodes for empty files.
+                os.unlink(self._write_temp(fd, name, b"fluxfleet write check\n"), dir_fd=fd)
         except OSError as e:
             raise storage_error(f"storage directory {self.root} is not writable", e) from e
 

@@ -98,7 +98,9 @@ class S3Storage(Storage):
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as e:
-            message = f"bucket '{self.bucket}' is not reachable: {e}"
+            code = str(e.response.get("Error", {}).get("Code", "")) if isinstance(e, ClientError) else ""
+            problem = {"404": "does not exist", "NoSuchBucket": "does not exist", "403": "refuses these credentials"}
+            message = f"bucket '{self.bucket}' {problem.get(code, 'is not reachable')}: {e}"
             raise (StorageError(message) if is_transient(e) else PermanentStorageError(message)) from e
 
     def _head(self, key: str) -> dict[str, Any] | None:
