@@ -105,7 +105,8 @@ def _records(settings: Settings, job_id: str) -> tuple[list[ItemRecord], float |
     created: float | None = None
     try:
         text = storage.get(manifest_key(job_id)).decode()
-        records = [ItemRecord.model_validate_json(line) for line in text.splitlines() if line.strip()]
+        # Lines end at \n only: JSON keeps U+2028 or U+0085 of a prompt raw, and splitlines() would cut there.
+        records = [ItemRecord.model_validate_json(line) for line in text.split("\n") if line.strip()]
     except KeyError:
         records = []
     try:

@@ -254,7 +254,8 @@ def _read_jsonl(text: str, path: Path) -> list[PromptSpec]:
         except _RepeatedKey as e:
             raise InputFileError(str(e), where=where, field=e.key) from None
         except ValueError as e:  # NaN/Infinity, or an integer of over 4300 digits
-            raise InputFileError(f"invalid JSON: {e}", where=where) from None
+            problem = "a number of thousands of digits" if "digits" in str(e) else str(e)
+            raise InputFileError(f"invalid JSON: {problem}", where=where) from None
         except RecursionError:
             raise InputFileError("invalid JSON: nested too deeply", where=where) from None
         if not isinstance(raw, dict):
