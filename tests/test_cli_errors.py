@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
+from fluxfleet.errors import FluxfleetError, UnknownJobError
 from fluxfleet.jobs import JobStore
-from fluxfleet.keys import job_spec_key
+from fluxfleet.keys import JOB_ID_PATTERN, job_spec_key
 from producer.cli import _plain
 from producer.stack import RedisServer, free_port
 from tests.conftest import base_env
@@ -233,3 +234,52 @@ def test_submit_wait_rides_out_a_redis_restart_and_gives_up_on_a_lasting_outage(
         last = errors.strip().splitlines()[-1]
         assert last.startswith(f"error: cannot reach Redis at {fleet.redis.url}") and "FLUXFLEET_BROKER__URL" in last
         assert time.monotonic() - started < 40
+
+
+STATES = ["submitting", "running", "done", "failed", "cancelled", "aborted"]
+FIELD_VALUES = {
+    "preset": st.just("tiny"),
+    "state": st.sampled_from(STATES),
+    "total": st.just("3"),
+    "created_at": st.just("1.5"),
+}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    job_id=st.from_regex(JOB_ID_PATTERN, fullmatch=True).filter(lambda j: ".." not in j),
+    record=st.none() | st.fixed_dictionaries({}, optional=FIELD_VALUES),
+)
+def test_cancel_and_status_of_any_record_write_only_a_cancellation(
+    redis_server: RedisServer, job_id: str, record: dict[str, str] | None
+) -> None:
+    # Given any job id, and no record under it or any part of a record (a half-written one included),
+    store = JobStore(redis.Redis(port=redis_server.port, decode_responses=True))
+    store.r.flushdb()
+    key = f"fluxfleet:job:{job_id}"
+    if record:
+        store.r.hset(key, mapping=record)
+    before = store.r.hgetall(key)
+    # cancel either refuses (writing nothing) or cancels a running job; it never raises anything else,
+    try:
+        previous = store.cancel(job_id)
+    except UnknownJobError:
+        assert not record and store.r.dbsize() == 0
+    except FluxfleetError as e:
+        assert "state" not in before and "incomplete record" in str(e) and store.r.hgetall(key) == before
+    else:
+        after = store.r.hgetall(key)
+        if previous in ("submitting", "running"):
+            assert after["state"] == "cancelled" and "finished_at" in after
+            assert {k: v for k, v in after.items() if k not in ("state", "finished_at")} == {
+                k: v for k, v in before.items() if k not in ("state", "finished_at")
+            }
+        else:
+            assert after == before
+    # and status reads it, or says the record is incomplete: never a KeyError.
+    try:
+        status = store.status(job_id)
+    except FluxfleetError as e:
+        assert "incomplete record" in str(e) and not set(FIELD_VALUES) <= set(before)
+    else:
+        assert (status is None) == (not record)
