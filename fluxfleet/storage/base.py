@@ -12,7 +12,8 @@ class Storage(ABC):
 
     @abstractmethod
     def check(self) -> None:
-        """Raise ``StorageError`` if the store cannot be reached or written (called at worker start)."""
+        """Raise ``StorageError`` (transient) or ``PermanentStorageError`` unless the store can be written
+        (called at worker start and before a job is recorded)."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
