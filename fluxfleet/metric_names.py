@@ -214,3 +214,70 @@ ALL_METRICS: tuple[MetricSpec, ...] = WORKER_METRICS + EXPORTER_METRICS
 def endpoints_key(prefix: str) -> str:
     """Redis hash where each worker advertises its metrics URL (worker name -> URL) for ``fluxfleet top``."""
     return f"{prefix}:metrics_endpoints"
+
+
+# -- documentation: `python -m fluxfleet.metric_names --markdown` prints the README's table ------------
+README_BEGIN = "<!-- metric-names:begin (python -m fluxfleet.metric_names --update README.md) -->"
+README_END = "<!-- metric-names:end -->"
+UNITS_BY_SUFFIX = (("_seconds", "seconds"), ("_bytes", "bytes"), ("_per_second", "steps per second"))
+UNITS = {
+    "fluxfleet_images_total": "images",
+    "fluxfleet_denoising_steps_total": "steps",
+    "fluxfleet_item_failures_total": "items",
+    "fluxfleet_task_retries_total": "retries",
+    "fluxfleet_worker_process_starts_total": "process starts",
+    "fluxfleet_exporter_errors_total": "failed scrapes",
+    "fluxfleet_worker_ready": "0 or 1",
+    "fluxfleet_queue_messages": "messages",
+    "fluxfleet_queue_unacked_messages": "messages",
+}
+"""Units of the counters (what they count) and of the metrics whose name does not end in a unit."""
+
+
+def unit(spec: MetricSpec) -> str:
+    """The unit of a metric's value: from ``UNITS``, else from its name (``…_seconds``, ``…_bytes``)."""
+    if spec.name in UNITS:
+        return UNITS[spec.name]
+    name = spec.name.removesuffix("_total")
+    for suffix, label in UNITS_BY_SUFFIX:
+        if name.endswith(suffix):
+            return label
+    raise ValueError(f"metric {spec.name} has no unit: add it to UNITS in fluxfleet/metric_names.py")
+
+
+def markdown_table() -> str:
+    """Every metric as a Markdown table: name, type, unit, labels, meaning (the README's table)."""
+    lines = ["| metric | type | unit | labels | meaning |", "|---|---|---|---|---|"]
+    for spec in ALL_METRICS:
+        kind = spec.kind + (" (`_bucket`, `_sum`, `_count`)" if spec.kind == "histogram" else "")
+        labels = ", ".join(f"`{label}`" for label in spec.labels) or "-"
+        meaning = spec.help.replace("|", "\\|")
+        lines.append(f"| `{spec.name}` | {kind} | {unit(spec)} | {labels} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_readme_table(text: str) -> str:
+    """``text`` (a README) with the table between its markers regenerated."""
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"no '{README_BEGIN}' ... '{README_END}' markers in the README")
+    return text[: start + len(README_BEGIN)] + "\n" + markdown_table() + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m fluxfleet.metric_names", description="Document the metrics.")
+    parser.add_argument("--markdown", action="store_true", help="print the metrics as a Markdown table")
+    parser.add_argument("--update", type=Path, metavar="README", help="rewrite the table between the README's markers")
+    args = parser.parse_args(argv)
+    if args.update:
+        args.update.write_text(replace_readme_table(args.update.read_text(encoding="utf-8")), encoding="utf-8")
+    if args.markdown or not args.update:
+        print(markdown_table(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
