@@ -17,6 +17,7 @@ import typer
 from rich.table import Table
 
 from fluxfleet.errors import FluxfleetError
+from fluxfleet.jobs import JobStore
 from fluxfleet.presets import load_preset
 from fluxfleet.redaction import redact
 from fluxfleet.settings import Settings, check_time_limits
@@ -60,6 +61,9 @@ def up(
         else:
             groups = group_gpus(select_gpus(gpus), gpus_per_worker)
             specs = plan_workers(gpu_groups=groups, metrics_base_port=metrics_base_port)
+        if BROKER_ENV in os.environ:
+            # A broker that is down or refuses the password: one sentence now, not N workers' log tails.
+            JobStore.from_settings(settings.broker).ping()
     except FluxfleetError as e:
         raise _fail(e, 2) from e
     password = settings.broker.password

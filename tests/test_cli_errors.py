@@ -43,9 +43,9 @@ def cli_env(tmp_path: Path, tiny_model_dir: Path, broker_url: str, **extra: str)
     return {**env, "FLUXFLEET_BROKER__URL": broker_url, **extra}
 
 
-def one_sentence(proc: subprocess.CompletedProcess[str]) -> str:
-    """The single error line of a failed command (exit 1, no traceback)."""
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+def one_sentence(proc: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    """The single error line of a failed command (exit ``code``, no traceback)."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -80,6 +80,10 @@ def test_every_command_with_redis_down_says_which_broker_in_one_sentence(tmp_pat
         line = one_sentence(fluxfleet(env, *args))
         assert f"cannot reach Redis at redis://:***@127.0.0.1:{port}/0" in line, (args, line)
         assert "FLUXFLEET_BROKER__URL" in line and PASSWORD not in line, (args, line)
+    # `up` with that broker says so before it starts any worker (exit 2, like its other refusals).
+    up = fluxfleet(env, "up", "--preset", "tiny", "--device", "cpu", "--state-dir", str(tmp_path / "up"))
+    assert f"cannot reach Redis at redis://:***@127.0.0.1:{port}/0" in one_sentence(up, code=2)
+    assert not (tmp_path / "up").exists()
 
 
 def test_every_command_with_a_wrong_or_missing_password_names_the_setting(tmp_path: Path, tiny_model_dir: Path) -> None:
