@@ -55,11 +55,12 @@ def as_int(value: Any, *, where: str = "", field: str = "") -> int:
             raise refuse()
         number = int(value.numerator)
     elif isinstance(value, numbers.Real):
-        if not math.isfinite(value):
+        real = float(value)
+        if not math.isfinite(real):
             raise refuse(": not a finite number")
-        if not float(value).is_integer():
+        if not real.is_integer():
             raise refuse()
-        number = int(value)
+        number = int(real)
     else:
         raise refuse(f": a {type(value).__name__}, not a number")
     if number.bit_length() > _MAX_INT_BITS:

@@ -167,10 +167,11 @@ def submit_arguments(
             where=SUBMIT,
             field=unknown[0],
         )
-    job_seed = as_int(seed, where=SUBMIT, field="seed")
+    # None, as for the job defaults, keeps the default (job seed 0, one image a prompt).
+    job_seed = 0 if seed is None else as_int(seed, where=SUBMIT, field="seed")
     if not 0 <= job_seed < SEED_LIMIT:
         raise ValidationError(f"seed {job_seed} is outside 0..2^64-1", where=SUBMIT, field="seed")
-    count = as_int(images_per_prompt, where=SUBMIT, field="images_per_prompt")
+    count = 1 if images_per_prompt is None else as_int(images_per_prompt, where=SUBMIT, field="images_per_prompt")
     return job_seed, count, coerce_overrides(params, SUBMIT, "keyword")
 
 
@@ -276,7 +277,7 @@ def _read_csv(text: str, path: Path) -> list[PromptSpec]:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise InputFileError(f"repeated column(s) {', '.join(map(shown, repeated))}", where=f"{path}:1")
-    specs = []
+    specs: list[PromptSpec] = []
     while True:
         start = reader.line_num + 1  # a record with quoted line breaks spans lines: name its first
         row = _next_row(rows, reader, path)

@@ -72,7 +72,7 @@ def test_a_str_naming_a_prompts_file_is_refused(client: Client, redis_server: Re
     assert [i.prompt for i in submitted_items(client, job.id)] == ["a poem about notes.txt"]
 
 
-@pytest.mark.parametrize("prompts", [[], (), iter([]), (p for p in [])])
+@pytest.mark.parametrize("prompts", [[], (), iter([]), (p for p in "")])
 def test_no_prompts_is_refused(client: Client, redis_server: RedisServer, prompts: Any) -> None:
     with pytest.raises(ValidationError, match="no prompts"):
         client.submit(prompts, preset="tiny")
@@ -132,3 +132,11 @@ def test_numbers_of_other_types_are_kept_exactly(client: Client) -> None:
     items = submitted_items(client, job.id)
     assert [i.seed for i in items] == [2**64 - 1, 2**63 - 1]
     assert all(type(i.params.width) is int and i.params.width == 64 and i.params.height == 64 for i in items)
+
+
+def test_none_keeps_the_defaults(client: Client) -> None:
+    from fluxfleet.keys import derive_seed
+
+    job = client.submit(["a cat"], preset="tiny", seed=None, images_per_prompt=None, width=None, steps=None)
+    [item] = submitted_items(client, job.id)
+    assert item.seed == derive_seed(0, 0, 0) and item.params.width == 64 and item.params.steps == 4

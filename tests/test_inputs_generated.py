@@ -218,8 +218,7 @@ def test_csv_written_by_the_csv_module_reads_back_exactly(
     buffer = io.StringIO(newline="")
     # Python 3.11's writer leaves a field with a lone \r unquoted when lines end in \n alone (the file then
     # says something else); with \n endings every field is quoted.
-    quoting = csv.QUOTE_MINIMAL if ending == "\r\n" else csv.QUOTE_ALL
-    writer = csv.writer(buffer, lineterminator=ending, quoting=quoting)
+    writer = csv.writer(buffer, lineterminator=ending, quoting=csv.QUOTE_MINIMAL if ending == "\r\n" else csv.QUOTE_ALL)
     writer.writerow(columns)
     sources = []
     path = Path(tempfile.mkdtemp(dir=tmp_path)) / "prompts.csv"

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -219,8 +220,8 @@ def test_the_png_parameters_chunk_keeps_the_prompt_whole_or_refuses() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"width": True}, {"steps": "4"}, {"guidance": float("inf")}, {"height": 64.5}])
-def test_generation_params_are_strict(bad: dict[str, object]) -> None:
-    good = {"width": 64, "height": 64, "steps": 4, "guidance": 3.5, "max_sequence_length": 64}
+def test_generation_params_are_strict(bad: dict[str, Any]) -> None:
+    good: dict[str, Any] = {"width": 64, "height": 64, "steps": 4, "guidance": 3.5, "max_sequence_length": 64}
     with pytest.raises(ValueError):  # pydantic's ValidationError is a ValueError
         GenerationParams(**{**good, **bad})
 

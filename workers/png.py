@@ -24,7 +24,8 @@ def parameters_text(item: Item, preset: str, model: str) -> str:
         f"Max sequence length: {p.max_sequence_length}, Key: {item.key}"
     )
     if "\x00" in text:
-        raise ValidationError("a NUL character cannot be stored in a PNG text chunk", where=item.source, field="prompt")
+        field = "prompt" if "\x00" in item.prompt else "model"
+        raise ValidationError("a NUL character cannot be stored in a PNG text chunk", where=item.source, field=field)
     return text
 
 
