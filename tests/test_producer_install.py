@@ -112,6 +112,18 @@ def test_submit_and_status_against_a_real_redis(
     assert client.llen("fluxfleet.tiny") >= 1, "no task in the tiny preset's queue"
     assert any(job["job_id"] in key.decode() for key in client.scan_iter("fluxfleet:*"))
 
+    # The rest of the producer's commands run too: the fleet view, the (empty) results, cancelling.
+    top = producer_venv.run("fluxfleet", "top", "--once", env=env)
+    assert top.returncode == 0, top.stderr
+    assert "tiny" in top.stdout
+    results = producer_venv.run("fluxfleet", "results", job["job_id"], env=env)
+    assert results.returncode == 0 and results.stdout == "", results.stderr
+    cancelled = producer_venv.run("fluxfleet", "cancel", job["job_id"], env=env)
+    assert cancelled.returncode == 0, cancelled.stderr
+    waited = producer_venv.run("fluxfleet", "wait", job["job_id"], "--json", env=env)
+    assert waited.returncode == 0, waited.stderr
+    assert json.loads(waited.stdout)["state"] == "cancelled"
+
 
 @pytest.mark.parametrize(
     ("args", "extra"),
