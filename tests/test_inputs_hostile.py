@@ -5,6 +5,7 @@ Each test here is one way input used to be silently changed (issue 14, defects 7
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -311,3 +312,36 @@ def test_manifest_lines_with_unicode_line_separators_read_back(tmp_path: Path) -
     )
     open_storage(settings.storage).put(manifest_key("j"), manifest_text(records).encode(), "application/x-ndjson")
     assert [r.prompt for r in _records(settings, "j")[0]] == ["a\u2028b", "c\x85d\x0ce", "f\r\ng"]
+
+
+def test_the_generators_seed_range_is_the_one_accepted() -> None:
+    torch = pytest.importorskip("torch")
+    from fluxfleet.schema import SEED_LIMIT
+
+    assert torch.Generator("cpu").manual_seed(SEED_LIMIT - 1).initial_seed() == SEED_LIMIT - 1
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.Generator("cpu").manual_seed(SEED_LIMIT)
+
+
+def test_hostile_text_and_edge_seeds_survive_a_real_worker(shared_stack: Any, tmp_path: Path) -> None:
+    # Given a CSV with a quoted multi-line prompt, separators str.splitlines() knows, quotes and a BOM, and
+    # seeds past 2^53 and 2^63
+    prompts = ['two\nlines, "quoted"', "a\u2028b\x85c\x0cd \U0001f98a", "plain"]
+    seeds = [2**64 - 1, 9007199254740993, 2**63 - 1]
+    path = tmp_path / "hostile.csv"
+    with path.open("w", newline="", encoding="utf-8-sig") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "seed"])
+        writer.writerows(zip(prompts, seeds, strict=True))
+    # When it runs through Redis, a tiny worker and storage
+    job = shared_stack.client().submit(path, preset="tiny")
+    assert job.wait(timeout=180).state == "done"
+    # Then the records, the manifest and each PNG's parameters chunk carry the prompt and the seed exactly
+    records = job.results()
+    assert [(r.prompt, r.seed) for r in records] == list(zip(prompts, seeds, strict=True))
+    manifest = (shared_stack.storage_root / f"jobs/{job.id}/manifest.jsonl").read_text(encoding="utf-8")
+    assert [json.loads(line)["prompt"] for line in manifest.split("\n") if line] == prompts
+    for record in records:
+        with Image.open(record.location) as image:
+            assert image.info["parameters"].startswith(record.prompt + "\n")
+            assert f"Seed: {record.seed}," in image.info["parameters"]
