@@ -27,10 +27,14 @@ def _client() -> Client:
 
 
 def _plain(value: object) -> str:
-    """``value`` as text rich prints as it is: brackets in it are not read as markup ('[lost]' stays)."""
+    """``value`` as text rich prints as it is: brackets in it are not read as markup ('[lost]' stays).
+
+    Put it last or before plain text: a final backslash stays single, where ``escape`` alone would double
+    it (so it cannot escape a tag after it) and rich would then print both.
+    """
     from rich.markup import escape
 
-    return escape(str(value))
+    return escape(f"{value}.")[:-1]
 
 
 def _fail(e: BaseException, code: int = 1, settings: Settings | None = None) -> typer.Exit:
