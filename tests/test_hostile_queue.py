@@ -118,6 +118,10 @@ def test_hostile_traffic_is_refused_counted_and_dead_lettered(fleet: Fleet) -> N
     callback = hostile.with_body(template, [[good], {}, {"callbacks": [{"task": "celery.accumulate"}]}])
     bad_eta = hostile.fresh(template)
     bad_eta["headers"]["eta"] = "the day after tomorrow"
+    far_eta = hostile.fresh(template)
+    far_eta["headers"]["eta"] = "2099-01-01T00:00:00+00:00"
+    expiring = hostile.fresh(template)
+    expiring["headers"]["expires"] = "2000-01-01T00:00:00+00:00"
     explicit: list[tuple[str, bytes | dict[str, object]]] = [
         *((hostile.ISSUE_REASONS[sample], sample) for sample in hostile.ISSUE_SAMPLES),
         ("malformed", no_properties),
@@ -128,6 +132,8 @@ def test_hostile_traffic_is_refused_counted_and_dead_lettered(fleet: Fleet) -> N
         ("unknown_task", builtin),
         ("unknown_task", unknown),
         ("invalid_message", bad_eta),
+        ("malformed", far_eta),
+        ("malformed", expiring),
         ("wrong_arguments", hostile.with_task(template, [])),
         ("wrong_arguments", hostile.with_task(template, [good, good])),
         ("wrong_arguments", hostile.with_task(template, [good], {"priority": 1})),

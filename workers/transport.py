@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -43,7 +44,6 @@ MAX_ID_CHARS = 255
 """Longest delivery tag or task id accepted (Celery's are 36-character UUIDs)."""
 
 OPTIONAL_TEXT_HEADERS = ("lang", "root_id", "parent_id", "group", "shadow", "origin", "argsrepr", "kwargsrepr")
-OPTIONAL_TIME_HEADERS = ("eta", "expires")
 EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
 
 
@@ -69,8 +69,14 @@ def _small_int(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def check_envelope(raw: bytes | str, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
-    """The envelope as kombu parses it, or ``Refused`` naming what is wrong with it."""
+def check_envelope(
+    raw: bytes | str, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_eta_s: float = 3600.0
+) -> dict[str, Any]:
+    """The envelope as kombu parses it, or ``Refused`` naming what is wrong with it.
+
+    ``max_eta_s``: how far ahead a task may be scheduled (the visibility timeout: one held longer is
+    handed to a second worker while the first still holds it).
+    """
     _need(len(raw) <= max_bytes, "too_large", f"message of {len(raw)} bytes, over the limit of {max_bytes}")
     try:
         envelope = loads(bytes_to_str(raw))  # kombu's own parser, so what passes is what kombu reads
@@ -82,7 +88,7 @@ def check_envelope(raw: bytes | str, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES)
     _check_properties(envelope.get("properties"))
     content = (envelope.get("content-type"), envelope.get("content-encoding"))
     _need(content == JSON_CONTENT, "content_type", f"content type {content[0]!r} ({content[1]!r}) is not JSON")
-    _check_headers(envelope.get("headers"))
+    _check_headers(envelope.get("headers"), max_eta_s)
     _check_body(envelope.get("body"), envelope["properties"].get("body_encoding"))
     return envelope
 
@@ -112,7 +118,7 @@ def _check_properties(props: Any) -> None:
         _need(_text_or_none(props.get(name)), "malformed", f"'properties.{name}' is not text")
 
 
-def _check_headers(headers: Any) -> None:
+def _check_headers(headers: Any, max_eta_s: float) -> None:
     _need(isinstance(headers, dict), "malformed", "envelope has no 'headers' object (task protocol 2)")
     for name in ("task", "id"):
         value = headers.get(name)
@@ -121,7 +127,7 @@ def _check_headers(headers: Any) -> None:
             "malformed",
             f"header '{name}' is missing or not text",
         )
-    for name in OPTIONAL_TEXT_HEADERS + OPTIONAL_TIME_HEADERS:
+    for name in OPTIONAL_TEXT_HEADERS:
         _need(_text_or_none(headers.get(name)), "malformed", f"header '{name}' is not text")
     _need(_small_int(headers.get("retries", 0), 0, 1000), "malformed", "header 'retries' is not a count of 0-1000")
     # The worker's own time limits apply to every task: a message cannot raise (or lift) them.
@@ -132,6 +138,25 @@ def _check_headers(headers: Any) -> None:
         "header 'timelimit' sets a time limit; the worker's own limits apply",
     )
     _need(headers.get("ignore_result") in (None, True, False), "malformed", "header 'ignore_result' is not a bool")
+    # fluxfleet never sends an expiry; Celery would drop an expired task silently, uncounted.
+    _need(headers.get("expires") is None, "malformed", "header 'expires' is set; fluxfleet tasks do not expire")
+    _check_eta(headers.get("eta"), max_eta_s)
+
+
+def _check_eta(eta: Any, max_eta_s: float) -> None:
+    """A retry's countdown is an ETA; one further ahead than ``max_eta_s`` would be held past the
+    visibility timeout. An unreadable one is left to Celery, which refuses it (InvalidTaskError)."""
+    _need(eta is None or isinstance(eta, str), "malformed", "header 'eta' is not text")
+    if eta is None:
+        return
+    try:
+        when = datetime.fromisoformat(eta)
+    except ValueError:
+        return
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    ahead = (when - datetime.now(UTC)).total_seconds()
+    _need(ahead <= max_eta_s, "malformed", f"header 'eta' is {ahead:.0f} s ahead, past the visibility timeout")
 
 
 def _check_body(body: Any, encoding: str | None) -> None:
@@ -178,7 +203,7 @@ class FleetChannel(kombu_redis.Channel):  # type: ignore[misc]
     def _admit(self, raw: bytes | str, queue: str) -> dict[str, Any] | None:
         """The envelope to deliver, or None when it was refused (counted and dead-lettered)."""
         try:
-            return check_envelope(raw, self.fluxfleet_max_message_bytes)
+            return check_envelope(raw, self.fluxfleet_max_message_bytes, float(self.visibility_timeout))
         except Refused as refusal:
             logger.error("refused a message on queue %s: %s (%s)", queue, refusal, refusal.reason)
             try:
