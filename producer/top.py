@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -251,7 +252,10 @@ class Fleet:
     def snapshot(self) -> Snapshot:
         now = time.monotonic()
         elapsed = now - self.previous_at if self.previous_at else 0.0
-        workers = [read_worker(url, self.previous.get(url), elapsed) for url in self.endpoints()]
+        urls = self.endpoints()
+        # In parallel: one endpoint that does not answer costs its timeout once, not once per worker after it.
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(urls)))) as pool:
+            workers = list(pool.map(lambda url: read_worker(url, self.previous.get(url), elapsed), urls))
         self.previous = {w.url: w for w in workers}
         self.previous_at = now
         return Snapshot(time.time(), workers, self.reader.read(), self.recent_jobs())

@@ -22,7 +22,7 @@ from fluxfleet.jobs import redis_client
 from fluxfleet.settings import Settings
 from producer.client import Client
 from producer.stack import RedisServer
-from producer.top import LEGEND, Fleet, ScrapeError, fetch
+from producer.top import LEGEND, SCRAPE_TIMEOUT_S, Fleet, ScrapeError, fetch
 from tests.conftest import ROOT
 
 FLUXFLEET = str(Path(sys.executable).parent / "fluxfleet")
@@ -74,7 +74,7 @@ def pages() -> Iterator[tuple[str, MetricsPages]]:
                 self.send_response(302)
                 self.send_header("Location", "file:///etc/hostname")
                 self.end_headers()
-            elif self.path == "/slow":
+            elif self.path.startswith("/slow"):
                 self.send_response(200)
                 self.end_headers()
                 for _ in range(40):  # one byte every 0.1 s: each receive is quick, the whole page is not
@@ -237,3 +237,21 @@ def test_the_workers_table_keeps_names_and_numbers_whole_at_80_columns() -> None
     assert f"{WORKER}  ready" in long.splitlines()
     assert "gen s/img 0.61" in long and "e2e s/img 12.25" in long and "1234 images" in long
     assert "…" not in long and max(len(line) for line in long.splitlines()) <= 80
+
+
+def test_slow_endpoints_cost_one_timeout_per_refresh_not_one_each(
+    redis_server: RedisServer, pages: tuple[str, MetricsPages]
+) -> None:
+    # Given three advertised endpoints that trickle their pages too slowly to be read
+    base, _ = pages
+    settings = Settings().with_overrides(broker__url=redis_server.url)
+    key = m.endpoints_key(settings.broker.key_prefix)
+    redis_client(settings.broker).hset(key, mapping={f"slow-{i}": f"{base}/slow?{i}" for i in range(3)})
+    # When top takes a snapshot
+    started = time.monotonic()
+    workers = Fleet(settings).snapshot().workers
+    elapsed = time.monotonic() - started
+    # Then each is reported as too slow, and they were read side by side (one 2 s bound, not three)
+    assert [w.state for w in workers] == ["down"] * 3
+    assert all("not read within 2 s" in w.error for w in workers), [w.error for w in workers]
+    assert elapsed < 2 * SCRAPE_TIMEOUT_S, elapsed
