@@ -180,6 +180,18 @@ def test_status_shows_the_state_that_rich_would_read_as_markup(
     assert proc.stdout.startswith(f"job j [{state}]: "), proc.stdout
 
 
+def test_cancel_of_a_job_redis_lost_creates_no_record(
+    tmp_path: Path, tiny_model_dir: Path, redis_server: RedisServer
+) -> None:
+    # Given a job only storage knows (Redis lost it), cancel says it is lost and writes nothing to Redis.
+    spec = tmp_path / "store" / job_spec_key("j")
+    spec.parent.mkdir(parents=True)
+    spec.write_text(json.dumps({"job_id": "j", "preset": "tiny", "model": "m", "items": [{"key": "k1"}]}))
+    proc = fluxfleet(cli_env(tmp_path, tiny_model_dir, redis_server.url), "cancel", "j")
+    assert proc.returncode == 0 and "job j is already lost (0/1 finished); nothing to cancel" in proc.stdout
+    assert redis.Redis(port=redis_server.port).dbsize() == 0
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=60))
 def test_plain_text_prints_exactly_as_given(text: str) -> None:
