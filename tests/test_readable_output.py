@@ -10,9 +10,12 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import FAST_ENV, ROOT
+from producer.client import Client
+from producer.stack import LocalStack
+from tests.conftest import FAST_ENV, ROOT, settings_for
 
 # A warning in any of the forms seen in worker logs and the demo: a log record at WARNING, a Python
 # warning category, torch's glog-style "W1202 ..." lines, the quantization packages' notices, and the
@@ -114,3 +117,22 @@ def test_presets_at_80_columns_shows_every_name_whole() -> None:
         assert sum(line.split()[:1] == [name] for line in lines) == 2, f"{name}:\n{proc.stdout}"
     assert "…" not in proc.stdout and max(len(line) for line in lines) <= 80, proc.stdout
     assert "est." in proc.stdout and "n/a" in proc.stdout  # the numbers stay in the table
+
+
+def test_an_s3_worker_log_holds_no_library_chatter(
+    make_stack: Callable[..., LocalStack], s3_endpoint: str, s3_bucket: str
+) -> None:
+    # Given a worker storing to S3 (moto over HTTP) with the AWS_* credentials of the environment (the
+    # s3_endpoint fixture sets them), serving one job
+    stack = make_stack(f"s3://{s3_bucket}/images", FLUXFLEET_STORAGE__ENDPOINT_URL=s3_endpoint)
+    stack.start_redis()
+    worker = stack.start_worker("tiny")
+    worker.wait_ready(timeout=180)
+    job = Client(settings_for(stack.env)).submit(["a red cat", "a blue dog"], preset="tiny")
+    assert job.wait(timeout=120).state == "done"
+    worker.stop()
+    log = worker.log()
+    # Then its log has the worker's own lines: no INFO chatter of the S3 client, nothing that looks like a warning
+    assert "botocore" not in log and "s3transfer" not in log, log
+    assert unexpected_lines(log) == [], log
+    assert "Task fluxfleet.generate" in log and "succeeded" in log

@@ -17,6 +17,10 @@ from pathlib import Path
 
 logger = logging.getLogger("workers")
 
+CHATTY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
+"""Libraries that log routine steps at INFO (botocore: "Found credentials in environment variables"): a
+worker shows their warnings and errors, and the rest only at DEBUG."""
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fluxfleet worker", description=__doc__)
@@ -70,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     from fluxfleet.errors import FluxfleetError
     from fluxfleet.jobs import JobStore
