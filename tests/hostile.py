@@ -91,7 +91,7 @@ def celery_envelope(settings: Settings, args: list[Json], queue: str = "fluxflee
     app.send_task(TASK_GENERATE, args=args, queue=scratch)
     client = redis.Redis.from_url(settings.broker.url_with_password())
     raw = client.rpop(scratch)
-    assert raw is not None, "Celery published nothing"
+    assert isinstance(raw, bytes), "Celery published nothing"
     envelope = dict(json.loads(raw))
     envelope["properties"]["delivery_info"]["routing_key"] = queue
     return envelope

@@ -192,7 +192,7 @@ def _check_body(body: Any, encoding: str | None) -> None:
 class FleetChannel(kombu_redis.Channel):  # type: ignore[misc]
     """kombu's Redis channel, checking each popped message with ``check_envelope`` before delivery."""
 
-    from_transport_options = (
+    from_transport_options = (  # type: ignore[assignment]  # kombu types it as its own fixed tuple
         *kombu_redis.Channel.from_transport_options,
         "fluxfleet_key_prefix",
         "fluxfleet_max_message_bytes",
@@ -240,13 +240,13 @@ class FleetChannel(kombu_redis.Channel):  # type: ignore[misc]
                 self.connection._deliver(envelope, dest)
             return True
         finally:
-            self._in_poll = None
+            self._in_poll = None  # type: ignore[assignment]  # as kombu does
             flush = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.7
             if flush is not None:
                 flush()
 
     # Same as kombu's ``Channel._get`` (the polling path, without an event loop), refused messages skipped.
-    def _get(self, queue: str) -> dict[str, Any]:
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         with self.conn_or_acquire() as client:
             for pri in self.priority_steps:
                 while (item := client.rpop(self._q_for_pri(queue, pri))) is not None:
