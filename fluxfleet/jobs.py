@@ -13,7 +13,8 @@ so progress and outcomes live here, under ``<prefix>:job:<id>``:
 - ``…:starts`` / ``…:ends``  hashes: item key -> generations started / ended with the process alive;
   their difference counts worker deaths during that item, which caps a poison input
 
-``<prefix>:rejected`` (hash: reason -> count) counts messages a worker refused to run.
+``<prefix>:rejected`` (hash: reason -> count) counts messages a worker refused to run; the newest are kept
+in ``<prefix>:deadletter`` (``fluxfleet.deadletter``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from fluxfleet import deadletter
 from fluxfleet.errors import BrokerUnavailable, FluxfleetError, UnknownJobError
 from fluxfleet.schema import ItemFailure, ItemRecord, JobState, JobStatus, TaskPayload
 from fluxfleet.settings import BrokerSettings
@@ -243,9 +245,9 @@ class JobStore:
         """Count a generation of these items as ended with the process alive (success or exception)."""
         self._count_items(job_id, "ends", item_keys)
 
-    def count_rejected(self, reason: str) -> None:
-        """Count a message a worker refused (undecodable, disallowed content type, invalid payload)."""
-        self.r.hincrby(f"{self.prefix}:rejected", reason, 1)
+    def count_rejected(self, reason: str, *, queue: str = "", raw: bytes | str = b"", detail: str = "") -> None:
+        """Count a message a worker refused and keep it in the dead-letter list (``fluxfleet.deadletter``)."""
+        deadletter.refuse(self.r, self.prefix, reason=reason, queue=queue, raw=raw, detail=detail)
 
     def rejected(self) -> dict[str, int]:
         return {k: int(v) for k, v in cast(dict[str, str], self.r.hgetall(f"{self.prefix}:rejected")).items()}
