@@ -143,3 +143,19 @@ def test_commands_that_need_an_extra_name_the_install_command(
     assert f"pip install 'fluxfleet[{extra}]'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one sentence
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_the_command_line_starts_without_the_extras_packages() -> None:
+    # `fluxfleet --help` and every base command import no extra's package (numpy came in through compare).
+    code = (
+        "import sys; sys.argv = ['fluxfleet', '--help']\n"
+        "from producer.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('numpy', 'PIL', 'matplotlib', 'torch', 'diffusers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
