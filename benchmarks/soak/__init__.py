@@ -1,0 +1,1 @@
+"""Pieces of the chaos soak (``benchmarks/chaos_soak.py``): services, the supervised fleet, faults, checks."""
