@@ -12,12 +12,16 @@ Nothing is read at import time: entrypoints build ``Settings()`` once and pass i
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from fluxfleet.errors import ConfigurationError
 from fluxfleet.redaction import redact_url
@@ -174,6 +178,17 @@ class Settings(BaseSettings):
         None, description="overrides every preset's model source (e.g. the tiny model's directory)"
     )
 
+    def __init__(self, **values: Any) -> None:
+        """Read the environment; a malformed or misspelt ``FLUXFLEET_*`` variable is a ConfigurationError
+        naming it, never a pydantic traceback or a silently ignored value."""
+        check_setting_names(os.environ)
+        try:
+            super().__init__(**values)
+        except PydanticValidationError as e:
+            raise ConfigurationError(describe_invalid(e)) from None
+        except SettingsError as e:  # a whole section given as JSON (FLUXFLEET_BROKER='{...}') that does not parse
+            raise ConfigurationError(f"a FLUXFLEET_* variable could not be read: {e}") from None
+
     def secret_values(self) -> list[str]:
         """The secrets these settings hold (for ``fluxfleet.redaction.redact``): never print these."""
         values = [s.get_secret_value() for s in (self.broker.password, self.storage.secret_access_key) if s]
@@ -217,3 +232,60 @@ def check_time_limits(settings: Settings) -> None:
             f"FLUXFLEET_WORKER__TASK_TIME_LIMIT_S ({worker.task_time_limit_s}); raise the first or "
             "lower the second, or a long task is delivered to a second worker while it still runs"
         )
+
+
+ENV_PREFIX = "FLUXFLEET_"
+NOT_SETTINGS = frozenset(
+    {
+        "FLUXFLEET_LOGLEVEL",  # the worker's log level (workers.main)
+        "FLUXFLEET_COMPILE_CACHE_DIR",  # overrides a preset's compile cache directory (workers.speed)
+        "FLUXFLEET_TEST_FAULTS",  # fault injection in the test suite (workers.faults)
+        "FLUXFLEET_TEST_MODEL_CACHE",  # the test suite's tiny model directory
+        "FLUXFLEET_UP_TEST_TOKEN",  # marks the processes a test of `fluxfleet up` started
+        "FLUXFLEET_APT_GET",  # scripts/bootstrap
+        "FLUXFLEET_TORCH_INDEX",  # scripts/bootstrap
+    }
+)
+"""``FLUXFLEET_*`` variables read outside the settings: neither refused nor suggested."""
+
+
+def setting_names() -> list[str]:
+    """Every ``FLUXFLEET_*`` variable the settings read, e.g. ``FLUXFLEET_WORKER__TASK_TIME_LIMIT_S``."""
+    names = []
+    for section, field in Settings.model_fields.items():
+        names.append(f"{ENV_PREFIX}{section.upper()}")
+        nested = field.annotation
+        if isinstance(nested, type) and issubclass(nested, BaseModel):
+            names += [f"{ENV_PREFIX}{section.upper()}__{name.upper()}" for name in nested.model_fields]
+    return names
+
+
+def check_setting_names(environ: Mapping[str, str]) -> None:
+    """Refuse a ``FLUXFLEET_*`` variable that looks like a setting but is none (a typo would otherwise be
+    ignored and its default used). Names unlike any setting pass: a Kubernetes Service called
+    ``fluxfleet`` injects ``FLUXFLEET_PORT``, ``FLUXFLEET_SERVICE_HOST`` and the like."""
+    known = setting_names()
+    sections = {name.split("__")[0] for name in known if "__" in name}
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper in NOT_SETTINGS:
+            continue
+        # Compared without the prefix, which every name shares.
+        suffixes = [k.removeprefix(ENV_PREFIX) for k in known]
+        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), suffixes, n=1, cutoff=0.8)
+        if upper.split("__")[0] in sections or close:
+            hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+            raise ConfigurationError(f"{name} is not a setting{hint}; config/fluxfleet.env.example lists every setting")
+
+
+def describe_invalid(error: PydanticValidationError) -> str:
+    """One sentence per invalid setting, naming its variable; secrets' values are never repeated."""
+    problems = []
+    for detail in error.errors():
+        loc = [str(part) for part in detail["loc"]]
+        name = ENV_PREFIX + "__".join(part.upper() for part in loc)
+        secret = any(word in name for word in ("PASSWORD", "SECRET", "KEY_ID"))
+        value = detail.get("input")
+        shown = "" if secret or isinstance(value, dict) else f", got {str(value)[:80]!r}"
+        problems.append(f"{name}: {detail['msg']}{shown}")
+    return "; ".join(problems)

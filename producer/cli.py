@@ -267,7 +267,12 @@ from producer import cli_compare, cli_fleet, cli_models, cli_observe  # noqa: E4
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except FluxfleetError as e:
+        # What a command did not catch itself (settings that do not load, most often): one sentence, no
+        # traceback. Exit 2, like click's usage errors: the command never ran.
+        raise SystemExit(_fail(e, code=2).exit_code) from None
 
 
 if __name__ == "__main__":
