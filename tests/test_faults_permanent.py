@@ -28,8 +28,9 @@ from tests.faultkit import StorageProxy, check_end_state, prompts, running_fleet
 
 pytestmark = pytest.mark.faults
 
-FAULTS = "slow_on=SLOW,step_delay=0.5,hang_on=STUCK"
-"""Batches with 'SLOW' in a prompt take about 2 s (time to break the storage under them); 'STUCK' hangs."""
+FAULTS = "slow_on=SLOW,step_delay=0.5,hang_on=STUCK,fail_on=BOOM"
+"""Batches with 'SLOW' in a prompt take about 2 s (time to break the storage under them); 'STUCK' hangs;
+'BOOM' raises an error nothing expects."""
 
 
 def _reasons(job: object) -> list[str]:
@@ -124,6 +125,12 @@ def test_local_permanent_faults_fail_at_once_and_every_job_ends(tmp_path: Path, 
         assert (status.state, status.failed) == ("failed", 3)
         assert all("Read-only file system (EROFS)" in r for r in _reasons(readonly)), _reasons(readonly)
         assert leftovers(store) == []
+
+        # 2. An error nobody planned for still gives every item of the task an outcome.
+        boom = client.submit(["a BOOM box", "a quiet box"], preset="tiny", job_id="boom")
+        status = boom.wait(timeout=30)
+        assert (status.state, status.failed) == ("failed", 2)
+        assert all("RuntimeError: injected failure" in r for r in _reasons(boom)), _reasons(boom)
 
         # 15. The worker serves on, and what it writes is readable by the group (0666 less the umask).
         last = client.submit(prompts(2, "last"), preset="tiny", job_id="last")

@@ -271,6 +271,13 @@ def build_app(settings: Settings, preset: Preset, engine_factory: Any = start_en
             )
             runtime.engine.observer.task_retry(retry_reason(error))
             raise self.retry(exc=error, countdown=countdown, max_retries=retry.TASK_RETRIES) from e
+        except Exception as e:
+            # A fault nobody planned for (a library bug, a CUDA error): the items still get an outcome,
+            # or the job would wait for them forever.
+            logger.exception("task %s failed", task.task_id)
+            reason = f"the worker failed on this task: {type(e).__name__}: {e}"
+            failed = runtime.engine.fail_unfinished(task, reason, "error")
+            return {"generated": 0, "skipped": 0, "failed": failed}
         return {"generated": outcome.generated, "skipped": outcome.skipped, "failed": outcome.failed}
 
     return app

@@ -12,6 +12,7 @@ The variable holds comma-separated ``name=value`` pairs, read once in the pool c
 - ``load_fail=1``    fail in the pool child while loading the pipeline
 - ``hang_on=WORD``   never return, ignoring the soft time limit, for a batch holding a prompt with WORD
                      (a stuck CUDA call: only the hard time limit ends it)
+- ``fail_on=WORD``   raise a RuntimeError for a batch holding a prompt containing WORD (a library bug)
 
 Production never sets it; a worker logs a warning when it does.
 """
@@ -42,6 +43,7 @@ class Faults:
     oom_on: str = ""
     load_fail: bool = False
     hang_on: str = ""
+    fail_on: str = ""
 
     @property
     def active(self) -> bool:
@@ -61,7 +63,7 @@ class Faults:
                 values[name] = int(value)
             elif name == "load_fail":
                 values[name] = value not in ("", "0", "false")
-            elif name in ("slow_on", "crash_on", "oom_on", "hang_on"):
+            elif name in ("slow_on", "crash_on", "oom_on", "hang_on", "fail_on"):
                 values[name] = value
             else:
                 raise ValueError(f"{ENV}: unknown fault '{name}'")
@@ -103,6 +105,8 @@ def with_faults(generate: Callable[..., list[Any]], faults: Faults) -> Callable[
             os.kill(os.getpid(), signal.SIGKILL)
         if _holds(batch, faults.hang_on):
             _hang()
+        if _holds(batch, faults.fail_on):
+            raise RuntimeError("injected failure (FLUXFLEET_TEST_FAULTS fail_on)")
         if (faults.oom_over and len(batch) > faults.oom_over) or _holds(batch, faults.oom_on):
             raise out_of_memory(len(batch))
         if faults.step_delay and (not faults.slow_on or _holds(batch, faults.slow_on)):
