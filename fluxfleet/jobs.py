@@ -58,9 +58,6 @@ end
 return state or ''
 """
 
-JOB_FIELDS = ("preset", "state", "total", "created_at")
-"""Fields every complete job record has (``create`` writes them in one transaction)."""
-
 # Delete every key of a job, only if its state is 'aborted' (a submit that failed half-way), in one
 # script so a job that another submit has meanwhile recorded is never touched.
 # KEYS: the job hash, then its other parts.
@@ -72,6 +69,9 @@ return 1
 
 JOB_PARTS = ("", "tasks", "done", "skipped", "failed", "cancelled", "starts", "ends")
 """Suffixes of a job's keys (see the module docstring)."""
+
+JOB_FIELDS = ("preset", "state", "total", "created_at")
+"""Fields every complete job record has (``create`` writes them in one transaction)."""
 
 PATIENT_RETRIES = 12
 """Reconnection attempts of a worker's Redis client (exponential backoff capped at 5 s: about 45 s)."""
