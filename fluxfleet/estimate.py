@@ -1,7 +1,7 @@
 """Memory estimate of a preset: bytes per component once served, bytes while loading, working memory per stage.
 
 Pure numbers, no torch. Parameter counts of the FLUX.1-dev components (as counted on the built models in
-``benchmarks/results/NVIDIA-H200-2026-12-02-load-peak-probe.json``) times the bytes per weight that the preset's
+``benchmarks/results/2026-12-02-H200-fast-load-peak.json``) times the bytes per weight that the preset's
 quantization backend and its ``[speed]`` fp8 conversion leave, plus the working memory of the stage that runs
 (text encoding, denoising, VAE decoding). All figures are ``torch.cuda.memory_allocated`` bytes, what the
 worker records (``workers/backends/footprint.py``) and ``benchmarks/results/`` holds; ``tests/test_planner.py``
@@ -43,13 +43,13 @@ STAGE_OF = {"text_encoder": "encode", "text_encoder_2": "encode", "transformer":
 
 # Working memory of each stage at 1024x1024, batch 1, 512 text tokens: allocated bytes above the weights at
 # that stage's peak. Fitted to these measurements (the decode figure is the same for every backend within 0.05 GiB):
-# decode: peak minus after-load with the whole pipeline resident (its peak is the VAE decode): bf16 2.41
-#   (call29), bnb-nf4 2.41 (call12), torchao-int4 2.41 (call11), quanto-int8 2.41 (call12), fp8-layerwise
-#   2.41 (call6), fast 2.38 (call29), lean 2.38 (call8) GiB, all H100; one VAE decode alone on an H200: 2.37.
-# denoise: bnb-nf4-offload's peak (call6: 6.98 GiB with only the NF4 transformer, ~6.28 GiB, on the GPU):
+# decode: peak minus after-load with the whole pipeline resident (its peak is the VAE decode): bf16 2.41,
+#   bnb-nf4 2.41, torchao-int4 2.41, quanto-int8 2.41, fp8-layerwise 2.41, fast 2.38, lean 2.38 GiB, all
+#   H100; one VAE decode alone on an H200: 2.37 (benchmarks/results/SUMMARY.md).
+# denoise: bnb-nf4-offload's peak (6.98 GiB with only the NF4 transformer, ~6.28 GiB, on the GPU):
 #   0.70; one eager fp8 transformer forward on an H200: 0.87. Taken as 0.8.
-# encode: lean before quantize_t5_wo (call6, encoders moved off after encoding, so its peak is the encode
-#   with everything resident): 0.26; fp8 weight-only T5 on an H200 (dequantizes each weight): 0.39.
+# encode: lean's first design (encoders moved off after encoding, before quantize_t5_wo, so its peak is the
+#   encode with everything resident): 0.26; fp8 weight-only T5 on an H200 (dequantizes each weight): 0.39.
 STAGE_BYTES_1MP = {"encode": int(0.4 * GIB), "denoise": int(0.8 * GIB), "decode": int(2.4 * GIB)}
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -78,7 +78,7 @@ def linear_bytes_per_weight(preset: Preset) -> float:
         kind = str(opts.get("type", opts.get("weights", "int8")))
         if "int4" in kind:
             # Packed int4 plus a bf16 scale and zero point per group (quanto's groups are 128 too); measured:
-            # torchao-int4's transformer 6,330,368,128 bytes (call11), quanto-int4 10.26 GiB (call16).
+            # torchao-int4's transformer 6,330,368,128 bytes, quanto-int4 10.26 GiB (H100 smoke runs).
             return 0.5 + 4 / int(opts.get("group_size", 128))
         return 1.0
     if q.backend == "gguf":
@@ -119,9 +119,9 @@ def speed_fp8(preset: Preset) -> dict[str, str]:
 
 def _kept_bytes(preset: Preset, per_weight: float) -> float:
     """Bytes per weight of T5's ``wo`` when T5 is quantized. Measured with transformers 5.17: bitsandbytes and
-    quanto's transformers integration keep it unquantized in the compute dtype (bnb-nf4 10.67 GiB, call12;
-    quanto-int8's T5 5,902,513,280 bytes, call12), torchao quantizes it (torchao-int4's T5 2,723,557,376
-    bytes, call11; torchao-fp8wo 16.05 GiB, call13). The seed's older versions kept it in fp32 under bnb."""
+    quanto's transformers integration keep it unquantized in the compute dtype (bnb-nf4 10.67 GiB;
+    quanto-int8's T5 5,902,513,280 bytes), torchao quantizes it (torchao-int4's T5 2,723,557,376
+    bytes; torchao-fp8wo 16.05 GiB; all on an H100). The seed's older versions kept it in fp32 under bnb."""
     q = preset.quantization
     direct = (q.backend == "quanto" and _quanto_direct(q.options)) or (
         q.backend == "bitsandbytes" and bool(q.options.get("quantize_t5_wo"))
