@@ -255,6 +255,7 @@ def parse_args(argv: list[str] | None) -> tuple[SoakConfig, argparse.Namespace]:
     add("--max-duration", type=float, default=d.max_duration_s, help="bound on the wall time to the last job's end")
     add("--visibility", type=int, default=d.visibility_s, help="broker visibility timeout, seconds")
     add("--disk-mib", type=int, default=d.disk_mib, help="size of the tmpfs under file storage")
+    add("--step-delay", type=float, default=d.step_delay_s, help="seconds of sleep per denoising step (slow GPU)")
     counts = ("worker_kills", "child_kills", "redis_restarts", "s3_outages", "bursts_503", "junk_bursts", "disk_full")
     for name in counts:
         add(f"--{name.replace('_', '-')}", type=int, default=getattr(p, name))
@@ -275,6 +276,7 @@ def parse_args(argv: list[str] | None) -> tuple[SoakConfig, argparse.Namespace]:
         seed=args.seed,
         visibility_s=args.visibility,
         disk_mib=args.disk_mib,
+        step_delay_s=args.step_delay,
         plan=plan,
     )
     return config, args

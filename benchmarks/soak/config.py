@@ -41,6 +41,9 @@ class SoakConfig:
     seed: int = 1
     visibility_s: int = 30
     disk_mib: int = 48
+    step_delay_s: float = 0.25
+    """Sleep per denoising step (the fault hook's slow GPU): a 4-item task takes about a second instead of
+    0.1 s, so kills land mid-task and a full-disk spell finds the file job writing."""
     plan: Plan = field(default_factory=lambda: FULL_PLAN)
     model_dir: Path = ROOT / ".cache" / "tiny-flux"
 
@@ -58,6 +61,7 @@ def worker_env(config: SoakConfig, broker_url: str, presets: Path) -> dict[str, 
         "FLUXFLEET_MODEL_DIR": str(config.model_dir),
         "FLUXFLEET_PRESETS_DIR": str(presets),
         "OMP_NUM_THREADS": "1",
+        "FLUXFLEET_TEST_FAULTS": f"step_delay={config.step_delay_s}" if config.step_delay_s else "",
     }
 
 
