@@ -9,7 +9,7 @@ Two places, both after ``swap_to_fp8`` (the ``dynamic_row_plain`` scheme):
   never written in bf16.
 
 On CUDA the quantization is one Triton kernel per linear (``workers.fp8_kernels``); inductor's own code for
-the same work took 2.9x as long on an H100 (call22). Elsewhere the same arithmetic runs in torch.
+the same work took 2.9x as long on an H100 (benchmarks/results/SUMMARY.md). Elsewhere the same arithmetic runs in torch.
 """
 
 from __future__ import annotations

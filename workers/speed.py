@@ -224,7 +224,7 @@ def apply_speed(pipe: Any, preset: Preset, device: str) -> SpeedReport:
         report.applied.append("coordinate_descent_tuning")
     if preset.compile.enabled and spec.multi_kernel:
         # Inductor reduces rows wider than 1024 in a loop: the amax pass and the scale-and-cast pass of a row-wise
-        # fp8 quantization each read the activation (call10 profile: ~0.27 ms per single block for proj_out's
+        # fp8 quantization each read the activation (H100 profile: ~0.27 ms per single block for proj_out's
         # 4608x15360 input). Multi-kernel also emits the one-pass variant for rows up to 16K and keeps the faster.
         torch._inductor.config.triton.multi_kernel = 1
         report.applied.append("multi_kernel")

@@ -9,7 +9,7 @@ Every config is built with ``set_inductor_config=False`` (a field of each torcha
 TorchAoConfig passes the object through to ``quantize_``, which has no such argument in torchao 0.18). With
 the default True, torchao turns on inductor's coordinate-descent tuning with all directions when it
 quantizes, and the regional compile of torchao-fp8-dynamic-row took 260 s to warm up on an H100
-(benchmarks/results, call4). The compile settings stay the preset's ``[compile]``.
+(benchmarks/results/SUMMARY.md). The compile settings stay the preset's ``[compile]``.
 """
 
 from __future__ import annotations
