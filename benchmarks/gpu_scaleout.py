@@ -3,7 +3,7 @@
 Each measured count starts a fresh fleet with the same code as ``fluxfleet up``, waits for every worker's
 warm-up, runs one warm-up task per worker (not measured: first-call effects), then submits
 ``--images-per-gpu × n`` new images (a fresh seed, so nothing is skipped as already stored) and times
-submit → last image. Target (issue 7): images/hour on N GPUs ≥ 0.95 × N × the one-GPU figure.
+submit → last image. Target: images/hour on N GPUs ≥ 0.95 × N × the one-GPU figure.
 
 GPU host::
 
