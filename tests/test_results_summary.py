@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,7 +45,7 @@ def bench_file(directory: Path) -> None:
         {"label": "worker:fast", "preset": "fast", "through_worker": True, "steps": 28, "images": 16}
         | {"worker_ready_s": 22.4, "s_per_image": 2.873},
     ]
-    data = {"device": "NVIDIA H100 80GB HBM3, 580.159.04", "date": "2026-01-02", "plan": "x", "records": records}
+    data: dict[str, Any] = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-01-02", "plan": "x", "records": records}
     data["versions"] = {"torch": "2.11.0", "diffusers": "0.42.1"}
     (directory / "2026-01-02-H100-fast-vs-anchors.json").write_text(json.dumps(data))
 
