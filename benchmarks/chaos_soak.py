@@ -33,6 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.results_names import result_path
 from benchmarks.soak.chaos import Chaos, Plan
 from benchmarks.soak.check import SubmittedJob, file_objects, invariants, job_state, objects_check
 from benchmarks.soak.config import FULL_PLAN, SUBJECTS, SoakConfig, client_for, job_sizes, s3_settings, worker_env
@@ -43,7 +44,6 @@ from fluxfleet.keys import queue_name
 from fluxfleet.settings import DEFAULT_PRESETS_DIR
 from producer.stack import RedisServer, free_port
 
-RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("chaos_soak")
 
 
@@ -263,7 +263,7 @@ def parse_args(argv: list[str] | None) -> tuple[SoakConfig, argparse.Namespace]:
     for name in spans:
         add(f"--{name.replace('_', '-')}", type=float, default=getattr(p, name))
     add("--workdir", type=Path, help="keep logs and data here (default: a temporary directory, removed)")
-    add("--write-results", action="store_true", help=f"write {RESULTS}/<date>-cpu-chaos-soak.json and .md")
+    add("--write-results", action="store_true", help="write benchmarks/results/<date>-cpu-chaos-soak.json and .md")
     args = parser.parse_args(argv)
     plan = Plan(window_s=args.fault_window, **{k: getattr(args, k) for k in counts + spans})
     config = SoakConfig(
@@ -299,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.workdir is not None:
         (args.workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.write_results:
-        stem = RESULTS / f"{time.strftime('%F')}-cpu-chaos-soak"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(note(result, stem.with_suffix(".json").name))
-        print(f"wrote {stem}.json and .md")
+        path = result_path("chaos-soak", "cpu")  # <date>-cpu-chaos-soak.json, never over an earlier run
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        path.with_suffix(".md").write_text(note(result, path.name))
+        print(f"wrote {path} and {path.with_suffix('.md').name}")
     return 0 if result["ok"] else 1
 
 
