@@ -163,7 +163,9 @@ def run_soak(config: SoakConfig, workdir: Path) -> dict[str, Any]:
         ended = wait_for_jobs(submitted, len(sizes), chaos, t0 + config.max_duration_s, t0)
         wall_s = round(ended - t0, 1)
         chaos.stop()
-        time.sleep(2)  # let the workers take what is left on the queues (junk pushed late)
+        drained = time.monotonic() + 30  # junk pushed late may still be on a queue: let the workers take it
+        while time.monotonic() < drained and any(s3_client.jobs.r.llen(queue_name(f.preset)) for f in fleets):
+            time.sleep(0.5)
         states = [job_state(job) for job in submitted]
         s3_objects = [k for k in s3_client.storage.list("images/") if k.endswith(".png")]
         s3_check = objects_check(
