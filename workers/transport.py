@@ -138,6 +138,9 @@ def _check_headers(headers: Any, max_eta_s: float) -> None:
         "header 'timelimit' sets a time limit; the worker's own limits apply",
     )
     _need(headers.get("ignore_result") in (None, True, False), "malformed", "header 'ignore_result' is not a bool")
+    # Celery's revocation check iterates and hashes these before any task code runs; fluxfleet never stamps.
+    for name in ("stamped_headers", "stamps"):
+        _need(not headers.get(name), "malformed", f"header '{name}' is set; fluxfleet tasks carry no stamps")
     # fluxfleet never sends an expiry; Celery would drop an expired task silently, uncounted.
     _need(headers.get("expires") is None, "malformed", "header 'expires' is set; fluxfleet tasks do not expire")
     _check_eta(headers.get("eta"), max_eta_s)
