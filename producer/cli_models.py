@@ -31,7 +31,7 @@ from fluxfleet.planner import (
 )
 from fluxfleet.presets import Preset, load_preset, preset_names
 from fluxfleet.settings import Settings
-from producer.cli import _fail, _plain, app, console
+from producer.cli_common import _fail, _plain, app, console
 from producer.extras import needs_extra
 
 
