@@ -212,7 +212,7 @@ def make_tiny_model(directory: Path) -> None:
     """Build the tiny random-weight FLUX pipeline (for tests and the demo) into DIRECTORY."""
     import subprocess
 
-    code = subprocess.call([sys.executable, "-m", "workers.tiny_model", str(directory)])
+    code = subprocess.call([sys.executable, "-m", "workers.tools.tiny_model", str(directory)])
     raise typer.Exit(code)
 
 

@@ -1,7 +1,7 @@
 """``fluxfleet presets``, ``plan`` and ``quantize``: what a preset needs and where it would live.
 
 Registered on the main app (``producer/cli.py`` imports this module last). Nothing here imports
-torch: ``quantize`` runs ``python -m workers.quantize`` in a subprocess.
+torch: ``quantize`` runs ``python -m workers.tools.quantize`` in a subprocess.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def quantize(
     gguf: Annotated[str | None, typer.Option(help="write the transformer as GGUF of this type (e.g. Q8_0)")] = None,
 ) -> None:
     """Save a quantized pipeline so workers load it without quantizing (runs the worker code in a subprocess)."""
-    args = [sys.executable, "-m", "workers.quantize", "--preset", preset, "--out", str(out)]
+    args = [sys.executable, "-m", "workers.tools.quantize", "--preset", preset, "--out", str(out)]
     if dequantize:
         args.append("--dequantize")
     if gguf:
