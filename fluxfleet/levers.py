@@ -105,6 +105,9 @@ def _compiled(preset: Preset) -> bool:
     return preset.compile.enabled
 
 
+BUILD_FIELDS = ("compile_cache", "compile_cache_dir", "warm_up")
+"""``[speed]`` fields that are no lever: the pipeline builder's compile-cache and warm-up steps read them."""
+
 LEVERS: tuple[LeverSpec, ...] = (
     LeverSpec("attention", ("attention_backend",), lambda p: bool(p.speed.attention_backend)),
     LeverSpec(

@@ -3,7 +3,7 @@
 Usage::
 
     preset = load_preset("bf16", settings.presets_dir)
-    preset.quantization.backend       # "none", "bitsandbytes", "torchao", "quanto", "gguf", "layerwise"
+    preset.quantization.backend       # a backend declared in fluxfleet/backends/: "none", "bitsandbytes", ...
 """
 
 from __future__ import annotations
@@ -180,9 +180,17 @@ class Preset(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _levers_combine(self) -> Preset:
-        # Each lever declares what it refuses (fluxfleet/levers.py); load_preset names the file.
-        problems = refusals(self)
+    def _parts_combine(self) -> Preset:
+        # The backend and each lever declare what they refuse (fluxfleet/backends/, fluxfleet/levers.py);
+        # load_preset names the file. Placement policies the planner judges, with the free memory.
+        refuses = backend_spec(self.quantization.backend).refuses
+        asked = {"compile": self.compile.enabled, "cuda_graph": self.speed.cuda_graph}
+        problems = [
+            f"quantization.backend '{self.quantization.backend}' refuses {what}: {refuses[what]}"
+            for what, on in asked.items()
+            if on and what in refuses
+        ]
+        problems += refusals(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self

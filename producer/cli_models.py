@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fluxfleet.errors import FluxfleetError
-from fluxfleet.estimate import speed_fp8
+from fluxfleet.estimate import quantized_components, speed_fp8
 from fluxfleet.planner import (
     COMPONENTS,
     GIB,
@@ -37,9 +37,8 @@ from producer.extras import needs_extra
 
 def component_backends(preset: Preset) -> dict[str, str]:
     """Which backend holds each component ('none' where it stays in the preset's dtype)."""
-    q = preset.quantization
-    quantized = {"transformer"} if q.backend == "gguf" else set(q.components)
-    return {c: (q.backend if c in quantized and q.backend != "none" else "none") for c in COMPONENTS}
+    quantized = quantized_components(preset)  # as the backend declares (a GGUF file holds the transformer)
+    return {c: (preset.quantization.backend if c in quantized else "none") for c in COMPONENTS}
 
 
 def describe(preset: Preset) -> dict[str, Any]:

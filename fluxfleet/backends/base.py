@@ -28,8 +28,9 @@ class BackendSpec:
     """One quantization backend, as the rest of fluxfleet needs to know it.
 
     ``bytes_per_weight(options, dtype_bytes)`` sizes the linear layers it quantizes (scales included);
-    ``refuses`` maps a placement policy (or ``group_offload_stream``: group offload with CUDA streams) to the
-    reason it cannot run under it.
+    ``refuses`` maps what the backend cannot run under to the reason: a placement policy, ``group_offload_stream``
+    (group offload with CUDA streams), ``compile`` or ``cuda_graph`` (the last two refused when the preset is
+    read, the policies when the planner places it).
     """
 
     name: str
@@ -37,7 +38,7 @@ class BackendSpec:
     packages: tuple[str, ...] = ()
     """Import names the loader needs; a worker checks them first and keeps the others out of its process."""
     extra: str = ""
-    """The pyproject extra that installs ``packages``."""
+    """The pyproject extra that installs ``packages``: the worker's install hint (``BackendMissingError``)."""
     serializable: bool = False
     """``save_pretrained`` keeps the quantized weights (``fluxfleet quantize``)."""
     dequantizable: bool = False
@@ -53,10 +54,5 @@ class BackendSpec:
     """Components it always quantizes whatever the preset lists (a GGUF file holds the transformer); None: the
     preset's ``quantization.components``."""
 
-    @property
-    def install_hint(self) -> str:
-        return f"pip install 'fluxfleet[{self.extra}]'" if self.extra else ""
-
 
 ALWAYS = _always
-NEVER = _never

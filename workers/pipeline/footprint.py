@@ -49,8 +49,8 @@ class MemoryRecord:
     components: dict[str, int] = field(default_factory=dict)
     after_load_bytes: int = 0
     load_peak_bytes: int = 0
-    """Most bytes allocated while loading (conversions after loading, the [speed] warm-up): the planner's
-    ``load_peak_bytes``."""
+    """Most bytes allocated while loading, up to the warm-up (a backend's or a lever's conversion after loading
+    included): the planner's ``load_peak_bytes``. The warm-up's peak is the first generation peak."""
     peak_bytes: int = 0
     last_peak_bytes: int = 0
 
