@@ -135,7 +135,11 @@ class SpeedSpec(BaseModel):
         None, description="shared cache directory; FLUXFLEET_COMPILE_CACHE_DIR overrides; default ~/.cache/fluxfleet"
     )
     recompile_limit: int = Field(8, ge=1, description="recompiles allowed per compiled block before eager fallback")
-    warm_up: bool = Field(True, description="compile at the warm-up shapes inside the speed step (before saving)")
+    warm_up: bool = Field(
+        True,
+        description="warm up (compile) at the warm-up shapes when the pipeline is built, even where the worker's own"
+        " warm-up is off, so the compile cache is saved with them; a start warms up once either way",
+    )
 
     @property
     def enabled(self) -> bool:

@@ -49,3 +49,19 @@ def test_a_backend_refusal_is_reported_when_the_preset_is_read(tmp_path: Path, m
     # and without the CUDA graph it loads.
     (tmp_path / "r.toml").write_text('model = "m"\n[quantization]\nbackend = "refusing"\n')
     assert load_preset("r", tmp_path).quantization.backend == "refusing"
+
+
+def test_the_planner_sizes_a_backend_by_its_declaration(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fluxfleet.backends import BackendSpec
+    from fluxfleet.estimate import PARAMS, component_bytes
+    from fluxfleet.presets import Preset
+
+    # Given a new backend that declares 2 bits per weight and quantizes the transformer only,
+    two_bit = BackendSpec("two-bit", lambda _options, _dtype_bytes: 0.25, components=("transformer",))
+    monkeypatch.setitem(BACKENDS, "two-bit", two_bit)
+    preset = Preset.model_validate({"name": "p", "model": "m", "quantization": {"backend": "two-bit"}})
+    # then the estimate counts its linear layers at that size and leaves the other components in bf16.
+    est = component_bytes(preset)
+    t = PARAMS["transformer"]
+    assert est["transformer"] == int((t["linear"] + t["modulation"]) * 0.25 + t["other"] * 2)
+    assert est["text_encoder_2"] == 2 * sum(PARAMS["text_encoder_2"].values())

@@ -86,6 +86,7 @@ def build_pipeline(preset: Preset, settings: Settings, warm: bool = False) -> Lo
         speed.warmup_s = warm_up(loaded, preset, effective_defaults(preset, settings))
         record_generation_peak(memory, device)
         compile_cache.save_cache(speed)
+        clock.mark("warm_up")  # loaded.stages is this clock's: the benchmarks show the warm-up beside the rest
     if preset.speed.enabled:
         logger.info(
             "speed levers for preset %s: %s; cache %s (%s) load %.1fs save %.1fs; warm-up %.1fs",
