@@ -21,98 +21,30 @@ import json
 import logging
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.results_names import result_path
 from benchmarks.soak.chaos import Chaos, Plan
 from benchmarks.soak.check import SubmittedJob, file_objects, invariants, job_state, objects_check
+from benchmarks.soak.config import FULL_PLAN, SUBJECTS, SoakConfig, client_for, job_sizes, s3_settings, worker_env
 from benchmarks.soak.fleet import Fleet
 from benchmarks.soak.report import machine, note, print_report
 from benchmarks.soak.services import ChaosProxy, S3Server, Tmpfs
 from fluxfleet.keys import queue_name
-from fluxfleet.settings import DEFAULT_PRESETS_DIR, BrokerSettings, Settings, StorageSettings
-from producer.client import Client
+from fluxfleet.settings import DEFAULT_PRESETS_DIR
 from producer.stack import RedisServer, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-SUBJECTS = ["a red fox", "a lighthouse", "a bowl of pears", "a sailing ship", "a snowy owl", "a stone bridge"]
 logger = logging.getLogger("chaos_soak")
-
-
-@dataclass
-class SoakConfig:
-    """Sizes, bounds and fault counts of one soak; the defaults are the full run."""
-
-    items: int = 3000
-    workers: int = 3
-    file_workers: int = 1
-    jobs: int = 4
-    file_share: float = 0.2
-    cancel_items: int = 40
-    max_duration_s: float = 2400.0
-    seed: int = 1
-    visibility_s: int = 30
-    disk_mib: int = 48
-    plan: Plan = field(default_factory=lambda: Plan(window_s=600.0))
-    model_dir: Path = ROOT / ".cache" / "tiny-flux"
-
-
-def worker_env(config: SoakConfig, broker_url: str, presets: Path) -> dict[str, str]:
-    limit = config.visibility_s * 2 // 3
-    return {
-        "FLUXFLEET_BROKER__URL": broker_url,
-        "FLUXFLEET_BROKER__VISIBILITY_TIMEOUT_S": str(config.visibility_s),
-        "FLUXFLEET_BROKER__RESTORE_INTERVAL_S": "1",
-        "FLUXFLEET_WORKER__TASK_TIME_LIMIT_S": str(limit),
-        "FLUXFLEET_WORKER__TASK_SOFT_TIME_LIMIT_S": str(limit - 3),
-        "FLUXFLEET_WORKER__DEVICE": "cpu",
-        "FLUXFLEET_WORKER__WARMUP": "false",
-        "FLUXFLEET_MODEL_DIR": str(config.model_dir),
-        "FLUXFLEET_PRESETS_DIR": str(presets),
-        "OMP_NUM_THREADS": "1",
-    }
-
-
-def s3_settings(endpoint: str, bucket: str) -> dict[str, str]:
-    return {
-        "FLUXFLEET_STORAGE__URL": f"s3://{bucket}/fleet",
-        "FLUXFLEET_STORAGE__ENDPOINT_URL": endpoint,
-        "FLUXFLEET_STORAGE__ACCESS_KEY_ID": "testing",
-        "FLUXFLEET_STORAGE__SECRET_ACCESS_KEY": "testing",
-        "FLUXFLEET_STORAGE__REGION": "us-east-1",
-    }
-
-
-def client_for(broker_url: str, storage: dict[str, str], config: SoakConfig, presets: Path) -> Client:
-    """A producer; S3 jobs' producer talks to moto directly (the proxy's faults are the workers')."""
-    fields = {k.removeprefix("FLUXFLEET_STORAGE__").lower(): v for k, v in storage.items()}
-    return Client(
-        Settings(
-            broker=BrokerSettings(url=broker_url),
-            storage=StorageSettings(**fields),
-            presets_dir=presets,
-            model_dir=config.model_dir,
-        )
-    )
-
-
-def job_sizes(config: SoakConfig) -> dict[str, int]:
-    """Items per job id: ``config.jobs`` S3 jobs, one file-storage job, one small job to cancel."""
-    on_file = round(config.items * config.file_share) if config.file_workers else 0
-    on_s3 = config.items - on_file - config.cancel_items
-    s3_jobs = [(f"s3-{n}", on_s3 // config.jobs + (n < on_s3 % config.jobs)) for n in range(config.jobs)]
-    # The file job first, so the full-disk spell (early in the window) finds it running.
-    jobs = [("disk-0", on_file), *s3_jobs[:1], ("cancel-0", config.cancel_items), *s3_jobs[1:]]
-    return {job_id: size for job_id, size in jobs if size}
 
 
 def wait_for_jobs(jobs: list[SubmittedJob], planned: int, chaos: Chaos, deadline: float, t0: float) -> float:
@@ -231,7 +163,9 @@ def run_soak(config: SoakConfig, workdir: Path) -> dict[str, Any]:
         ended = wait_for_jobs(submitted, len(sizes), chaos, t0 + config.max_duration_s, t0)
         wall_s = round(ended - t0, 1)
         chaos.stop()
-        time.sleep(2)  # let the workers take what is left on the queues (junk pushed late)
+        drained = time.monotonic() + 30  # junk pushed late may still be on a queue: let the workers take it
+        while time.monotonic() < drained and any(s3_client.jobs.r.llen(queue_name(f.preset)) for f in fleets):
+            time.sleep(0.5)
         states = [job_state(job) for job in submitted]
         s3_objects = [k for k in s3_client.storage.list("images/") if k.endswith(".png")]
         s3_check = objects_check(
@@ -269,6 +203,8 @@ def run_soak(config: SoakConfig, workdir: Path) -> dict[str, Any]:
         "manifests_missing_at_end": sum(s["manifest_missing_at_end"] for s in states),
         "temporaries": len(found["temporaries"]),
         "unexpected_worker_exits": len(unexpected),
+        "junk_pushed": chaos.junk_pushed,
+        "junk_refused": sum(rejected.values()),
         "wall_s": wall_s,
         "failure_reasons": dict(sum((Counter(s["failure_reasons"]) for s in states), Counter())),
     }
@@ -309,7 +245,7 @@ def run_soak(config: SoakConfig, workdir: Path) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None) -> tuple[SoakConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    d, p = SoakConfig(), Plan(window_s=600.0)
+    d, p = SoakConfig(), FULL_PLAN
     add = parser.add_argument
     add("--items", type=int, default=d.items, help="items over all jobs")
     add("--workers", type=int, default=d.workers, help="tiny workers on S3 storage")
@@ -321,30 +257,17 @@ def parse_args(argv: list[str] | None) -> tuple[SoakConfig, argparse.Namespace]:
     add("--max-duration", type=float, default=d.max_duration_s, help="bound on the wall time to the last job's end")
     add("--visibility", type=int, default=d.visibility_s, help="broker visibility timeout, seconds")
     add("--disk-mib", type=int, default=d.disk_mib, help="size of the tmpfs under file storage")
-    for name in ("worker_kills", "child_kills", "redis_restarts", "s3_outages", "bursts_503", "junk_bursts"):
+    add("--step-delay", type=float, default=d.step_delay_s, help="seconds of sleep per denoising step (slow GPU)")
+    counts = ("worker_kills", "child_kills", "redis_restarts", "s3_outages", "bursts_503", "junk_bursts", "disk_full")
+    for name in counts:
         add(f"--{name.replace('_', '-')}", type=int, default=getattr(p, name))
-    for name in ("outage_s", "burst_s", "disk_full_s"):
+    spans = ("outage_s", "burst_s", "disk_full_s")
+    for name in spans:
         add(f"--{name.replace('_', '-')}", type=float, default=getattr(p, name))
     add("--workdir", type=Path, help="keep logs and data here (default: a temporary directory, removed)")
-    add("--write-results", action="store_true", help=f"write {RESULTS}/<date>-cpu-chaos-soak.json and .md")
+    add("--write-results", action="store_true", help="write benchmarks/results/<date>-cpu-chaos-soak.json and .md")
     args = parser.parse_args(argv)
-    plan = Plan(
-        window_s=args.fault_window,
-        **{
-            k: getattr(args, k)
-            for k in (
-                "worker_kills",
-                "child_kills",
-                "redis_restarts",
-                "s3_outages",
-                "bursts_503",
-                "junk_bursts",
-                "outage_s",
-                "burst_s",
-                "disk_full_s",
-            )
-        },
-    )
+    plan = Plan(window_s=args.fault_window, **{k: getattr(args, k) for k in counts + spans})
     config = SoakConfig(
         items=args.items,
         workers=args.workers,
@@ -355,6 +278,7 @@ def parse_args(argv: list[str] | None) -> tuple[SoakConfig, argparse.Namespace]:
         seed=args.seed,
         visibility_s=args.visibility,
         disk_mib=args.disk_mib,
+        step_delay_s=args.step_delay,
         plan=plan,
     )
     return config, args
@@ -364,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's access log
     config, args = parse_args(argv)
+    # SIGTERM (a CI timeout) unwinds like Ctrl-C, so every process stops and the tmpfs is unmounted.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fluxfleet-soak-"))
     try:
         result = run_soak(config, workdir)
@@ -375,10 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.workdir is not None:
         (args.workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.write_results:
-        stem = RESULTS / f"{time.strftime('%F')}-cpu-chaos-soak"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(note(result, stem.with_suffix(".json").name))
-        print(f"wrote {stem}.json and .md")
+        path = result_path("chaos-soak", "cpu")  # <date>-cpu-chaos-soak.json, never over an earlier run
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        path.with_suffix(".md").write_text(note(result, path.name))
+        print(f"wrote {path} and {path.with_suffix('.md').name}")
     return 0 if result["ok"] else 1
 
 

@@ -3,12 +3,12 @@
 In each of FLUX.1-dev's 38 single blocks, ``proj_out`` (fp8 row-wise in the fast preset) takes
 ``cat([attention output, gelu_tanh(proj_mlp output)])``, 4608 x 15360 at 1024x1024. Inductor quantizes it
 in two kernels, an amax pass and a scale-and-cast pass, each reading both inputs and recomputing GELU
-(5.48 + 5.51 ms per step in call19's profile). This script times that against the one-pass Triton kernel
+(5.48 + 5.51 ms per step in an H100 profile). This script times that against the one-pass Triton kernel
 of ``workers/speed/fp8_kernels.py`` (each row kept in registers: read once, write fp8 once) at 8, 16 and 32 warps.
-Call22 ran it with the kernel as first written here, since moved into the worker unchanged in arithmetic.
+Figures: ``benchmarks/results/2026-11-23-H100-fp8-quant-kernel.json`` (benchmarks/results/SUMMARY.md).
 GPU only::
 
-    python benchmarks/fp8_quant_kernel.py --out $OUT/fp8-quant-kernel.json
+    python benchmarks/fp8_quant_kernel.py  # writes benchmarks/results/<date>-<GPU>-fp8-quant-kernel.json
 
 Prints a table last and writes JSON; checks that both produce the same scales and (almost) the same bytes.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.results_names import local_device, result_path
 from workers.speed.compile_cache import versions
 from workers.speed.fp8_kernels import gelu_cat_rowwise_fp8_kernel, launch_gelu_cat_rowwise_fp8
 from workers.speed.fp8_linear import FP8_MAX, MIN_SCALE, rowwise_quantize
@@ -53,7 +54,9 @@ def time_us(fn: object, reps: int = 100) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/<date>-<GPU>-fp8-quant-kernel.json"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     attn = torch.randn(ROWS, ATTN, device="cuda", dtype=torch.bfloat16)
@@ -84,8 +87,9 @@ def main() -> None:
         "min_scale": MIN_SCALE,
         "records": records,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    out = args.out or result_path("fp8-quant-kernel", local_device())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
     print("| implementation | us per call | ms per step (x38) | TB/s | scale max rel diff | fp8 bytes differing |")
     print("|---|---|---|---|---|---|")
     for r in records:

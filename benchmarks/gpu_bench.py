@@ -21,7 +21,8 @@ Steps:
 The model is the FLUX.1-dev architecture (transformer, T5-XXL, CLIP-L, VAE) with random weights, built
 on the GPU and saved once per command in diffusers format. Speed and memory do not depend on the weights.
 Each step appends JSON records; the driver prints a table last and writes
-``$OUT/<device>-<date>.json`` ({"device","date","versions","records"}).
+``$OUT/<date>-<GPU>-<what>.json`` ({"device","date","versions","records"}; the name as
+``benchmarks/results_names.py`` makes it, ``--tag`` or the plan saying what was measured).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from benchmarks.gpu.common import ROOT, log
 from benchmarks.gpu.flux_dev import build
 from benchmarks.gpu.measure import measure
 from benchmarks.gpu.worker import through_worker
+from benchmarks.results_names import local_device, plan_what, result_name
 
 
 def versions() -> dict[str, str]:
@@ -143,9 +145,9 @@ def run(args: argparse.Namespace) -> None:
     recs = [json.loads(line) for line in records.read_text().splitlines()] if records.exists() else []
     vers = versions()
     date = time.strftime("%Y-%m-%d")
-    device = vers.get("gpu", "gpu").split(",")[0].strip().replace(" ", "-")
     result = {"device": vers.get("gpu", ""), "date": date, "versions": vers, "plan": args.plan, "records": recs}
-    (out / f"{device}-{date}-{args.tag}.json").write_text(json.dumps(result, indent=1))
+    name = result_name(args.tag or plan_what(args.plan), vers.get("gpu") or local_device())
+    (out / name).write_text(json.dumps(result, indent=1))
     log(f"steps: {steps_done}; total {time.time() - started:.0f}s")
     log(table(recs))
 
@@ -181,7 +183,7 @@ def main() -> None:
         default="",
         help="seconds a plan step needs, e.g. 'torchao-int8wo=150,quanto-int8=120' (skipped when less is left)",
     )
-    r.add_argument("--tag", default="run")
+    r.add_argument("--tag", default="", help="what was measured, for the file name (default: from the plan)")
     args = parser.parse_args()
     if args.cmd == "build":
         logging.basicConfig(level=logging.INFO, format="%(message)s")

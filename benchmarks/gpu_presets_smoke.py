@@ -3,7 +3,7 @@
 Usage (on the GPU host, after installing the wheelhouse)::
 
     python benchmarks/gpu_presets_smoke.py --model /tmp/flux-random --steps 4 \\
-        --out benchmarks/results/gpu_presets_smoke.json bf16 bnb-nf4 torchao-int8wo ...
+        bf16 bnb-nf4 torchao-int8wo ...  # writes benchmarks/results/<date>-<GPU>-smoke-<presets>.json
 
 ``--model`` is a full-size random-weight FLUX.1-dev in diffusers format (this script builds nothing);
 GGUF presets need ``--gguf-dir`` holding ``flux1-dev-<TYPE>.gguf`` files (e.g. written by
@@ -103,7 +103,7 @@ def main() -> int:
     parser.add_argument("presets", nargs="+")
     parser.add_argument("--model", required=True, help="full-size random FLUX.1-dev in diffusers format")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_presets_smoke.json"))
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<date>-<GPU>-smoke-…")
     parser.add_argument("--gguf-dir")
     parser.add_argument("--no-compile", action="store_true", help="eager only (compile can take minutes)")
     parser.add_argument("--timeout", type=int, default=540, help="seconds per preset")
@@ -131,8 +131,13 @@ def main() -> int:
             result = {"preset": name, "ok": False, "error": f"timeout after {args.timeout} s; got to: {marks}"}
         results.append(result)
         print(json.dumps(result), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.results_names import local_device, result_path
+
+    what = "smoke-" + ("-".join(args.presets) if len(args.presets) <= 2 else "presets")
+    out = args.out or result_path(what, local_device())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
     print(f"\n{'preset':30s} {'after load GiB':>14s} {'peak GiB':>9s} {'s/image':>8s}  {args.steps} steps, 1024x1024")
     for r in results:
         if r["ok"]:

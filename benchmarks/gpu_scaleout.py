@@ -3,7 +3,7 @@
 Each measured count starts a fresh fleet with the same code as ``fluxfleet up``, waits for every worker's
 warm-up, runs one warm-up task per worker (not measured: first-call effects), then submits
 ``--images-per-gpu × n`` new images (a fresh seed, so nothing is skipped as already stored) and times
-submit → last image. Target (issue 7): images/hour on N GPUs ≥ 0.95 × N × the one-GPU figure.
+submit → last image. Target: images/hour on N GPUs ≥ 0.95 × N × the one-GPU figure.
 
 GPU host::
 
@@ -37,14 +37,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.results_names import result_path
 from fluxfleet.presets import effective_defaults, load_preset
 from fluxfleet.schema import ItemRecord
 from fluxfleet.settings import Settings
 from producer.client import Client
 from producer.stack import RedisServer
 from producer.up import BROKER_ENV, Fleet, group_gpus, plan_workers, select_gpus
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-dir", type=Path, default=None, help="FLUXFLEET_MODEL_DIR (e.g. the tiny model)")
     p.add_argument("--ready-timeout", type=float, default=1800)
     p.add_argument("--job-timeout", type=float, default=3600)
-    p.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/…)")
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/<date>-<GPU>-…)")
     return p.parse_args(argv)
 
 
@@ -217,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     base = next((r["images_per_hour"] for r in records if r["gpus"] == 1), None)
     for r in records:
         r["scaling_efficiency"] = round(r["images_per_hour"] / (r["gpus"] * base), 3) if base else None
-    out = args.out or RESULTS_DIR / f"gpu-scaleout-{result['device'].replace(' ', '_')}-{dt.date.today()}.json"
+    out = args.out or result_path(f"{args.preset}-scaleout", result["device"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(

@@ -3,7 +3,7 @@
 Each case runs twice in a fresh interpreter (the first run may also write bytecode caches); torch is
 imported first and timed apart, as the worker's parent imports it before forking. Run on the GPU host::
 
-    python benchmarks/import_cost.py --out $OUT/import-cost.json
+    python benchmarks/import_cost.py  # writes benchmarks/results/<date>-<GPU>-import-cost.json
 
 Prints a table last and writes JSON; with ``--importtime`` also keeps ``python -X importtime`` output of the
 worker's import set (the heaviest modules first).
@@ -69,7 +69,9 @@ def importtime(code: str, top: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/<date>-<GPU>-import-cost.json"
+    )
     parser.add_argument("--importtime", action="store_true")
     args = parser.parse_args()
     records = []
@@ -85,8 +87,11 @@ def main() -> None:
     if args.importtime:
         result["importtime_worker_set_top"] = importtime(WORKER_SET, 40)
         print("\n".join(result["importtime_worker_set_top"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    from benchmarks.results_names import local_device, result_path
+
+    out = args.out or result_path("import-cost", local_device())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
     print("| case | run | torch s | rest s | CUDA initialised |\n|---|---|---|---|---|")
     for r in records:
         if "error" in r:

@@ -7,7 +7,7 @@ T5's linears to weight-only fp8. Prints allocated and peak after each stage, the
 T5 encode (512 tokens), one transformer forward (1024x1024) and one VAE decode (1024x1024).
 
 Run from the repository root on a GPU with ~45 GiB free: ``python benchmarks/load_peak_probe.py``; the last line
-(``RESULT {...}``) is what ``benchmarks/results/NVIDIA-H200-2026-12-02-load-peak-probe.json`` holds. The planner's
+(``RESULT {...}``) is what ``benchmarks/results/2026-12-02-H200-fast-load-peak.json`` holds. The planner's
 load-time peak (``fluxfleet.estimate.load_peak``) is checked against it in ``tests/test_planner.py``.
 """
 

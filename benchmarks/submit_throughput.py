@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.cpu_results import write_results
+from benchmarks.results_names import result_path
 from fluxfleet.keys import queue_name
 from fluxfleet.settings import Settings
 from producer.client import Client
@@ -23,7 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prompts", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu-submit.json"))
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<date>-cpu-submit.json")
     args = parser.parse_args()
     redis = RedisServer(appendonly=True).start()
     rows = []
@@ -50,7 +51,7 @@ def main() -> None:
         print(f"{row['run']:>4} {row['prompts']:>8} {row['tasks_queued']:>6} {row['seconds']:>8.2f} {rate:>10.0f}")
     best = min(r["seconds"] for r in rows)
     print(f"best: {best:.2f} s for {args.prompts} prompts (target <= 5 s)")
-    write_results(args.out, "submit", rows)
+    write_results(args.out or result_path("submit", "cpu"), "submit", rows)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.cpu_results import write_results
+from benchmarks.results_names import result_path
 from fluxfleet.settings import Settings
 from producer.client import Client
 from producer.stack import LocalStack
@@ -29,7 +30,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--model-dir", type=Path, default=Path(".cache/tiny-flux"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu-worker-overhead.json"))
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/<date>-cpu-worker-overhead.json"
+    )
     args = parser.parse_args()
     if not (args.model_dir / "model_index.json").is_file():
         subprocess.run([sys.executable, "-m", "workers.tools.tiny_model", str(args.model_dir)], check=True)
@@ -82,7 +85,7 @@ def main() -> None:
         f"{overhead * 1000:>11.1f}ms {encode * 1000:>6.1f}ms {upload * 1000:>5.1f}ms"
     )
     print("(png encode and upload run on background threads, overlapping the next pipeline call)")
-    write_results(args.out, "worker_overhead", [rows])
+    write_results(args.out or result_path("worker-overhead", "cpu"), "worker_overhead", [rows])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Memory estimate of a preset: bytes per component once served, bytes while loading, working memory per stage.
 
 Pure numbers, no torch. Parameter counts of the FLUX.1-dev components (as counted on the built models in
-``benchmarks/results/NVIDIA-H200-2026-12-02-load-peak-probe.json``) times the bytes per weight that the preset's
+``benchmarks/results/2026-12-02-H200-fast-load-peak.json``) times the bytes per weight that the preset's
 quantization backend and its ``[speed]`` fp8 conversion leave, plus the working memory of the stage that runs
 (text encoding, denoising, VAE decoding). All figures are ``torch.cuda.memory_allocated`` bytes, what the
 worker records (``workers/pipeline/footprint.py``) and ``benchmarks/results/`` holds; ``tests/test_planner.py``
@@ -39,13 +39,13 @@ STAGE_OF = {"text_encoder": "encode", "text_encoder_2": "encode", "transformer":
 
 # Working memory of each stage at 1024x1024, batch 1, 512 text tokens: allocated bytes above the weights at
 # that stage's peak. Fitted to these measurements (the decode figure is the same for every backend within 0.05 GiB):
-# decode: peak minus after-load with the whole pipeline resident (its peak is the VAE decode): bf16 2.41
-#   (call29), bnb-nf4 2.41 (call12), torchao-int4 2.41 (call11), quanto-int8 2.41 (call12), fp8-layerwise
-#   2.41 (call6), fast 2.38 (call29), lean 2.38 (call8) GiB, all H100; one VAE decode alone on an H200: 2.37.
-# denoise: bnb-nf4-offload's peak (call6: 6.98 GiB with only the NF4 transformer, ~6.28 GiB, on the GPU):
+# decode: peak minus after-load with the whole pipeline resident (its peak is the VAE decode): bf16 2.41,
+#   bnb-nf4 2.41, torchao-int4 2.41, quanto-int8 2.41, fp8-layerwise 2.41, fast 2.38, lean 2.38 GiB, all
+#   H100; one VAE decode alone on an H200: 2.37 (benchmarks/results/SUMMARY.md).
+# denoise: bnb-nf4-offload's peak (6.98 GiB with only the NF4 transformer, ~6.28 GiB, on the GPU):
 #   0.70; one eager fp8 transformer forward on an H200: 0.87. Taken as 0.8.
-# encode: lean before quantize_t5_wo (call6, encoders moved off after encoding, so its peak is the encode
-#   with everything resident): 0.26; fp8 weight-only T5 on an H200 (dequantizes each weight): 0.39.
+# encode: lean's first design (encoders moved off after encoding, before quantize_t5_wo, so its peak is the
+#   encode with everything resident): 0.26; fp8 weight-only T5 on an H200 (dequantizes each weight): 0.39.
 STAGE_BYTES_1MP = {"encode": int(0.4 * GIB), "denoise": int(0.8 * GIB), "decode": int(2.4 * GIB)}
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}

@@ -57,12 +57,12 @@ def test_importing_the_app_module_reads_nothing_and_loads_no_torch() -> None:
         "try:\n"
         "    m.app\n"
         "except Exception as e:\n"
-        "    print(type(e).__name__)\n"
+        "    print('raised on access:', str(e).lower())\n"
     )
     env = {**os.environ, "FLUXFLEET_BROKER__VISIBILITY_TIMEOUT_S": "not-a-number"}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ValidationError"
+    assert result.stdout.startswith("raised on access:") and "visibility_timeout" in result.stdout, result.stdout
 
 
 def test_the_app_carries_the_fleet_settings(tmp_path: Path) -> None:

@@ -104,7 +104,7 @@ def test_redis_down_at_submit_fails_fast_and_records_nothing(tmp_path: Path, tin
             timeout=60,
         )
         assert cli.returncode == 1
-        assert "Redis is not reachable" in cli.stderr
+        assert "cannot reach Redis" in cli.stderr
 
         # Once Redis is back, the job is unknown: nothing was half-submitted.
         redis.start()

@@ -56,7 +56,7 @@ def test_missing_bucket(redis_server: RedisServer, tiny_model_dir: Path, s3_endp
         "FLUXFLEET_STORAGE__ENDPOINT_URL": s3_endpoint,
     }
     result = start_worker(env)
-    assert result.returncode == 2 and "bucket 'no-such-bucket' is not reachable" in result.stderr
+    assert result.returncode == 2 and "bucket 'no-such-bucket' does not exist" in result.stderr
 
 
 def test_redis_unreachable(tmp_path: Path, tiny_model_dir: Path) -> None:

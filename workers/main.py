@@ -48,7 +48,8 @@ def warn_if_importing_from_source(packages: tuple[str, ...] = ("torch", "diffuse
     """Warn when the heavy libraries have no bytecode cache: every start would then compile them from source.
 
     On the H100 host (``PYTHONDONTWRITEBYTECODE=1``, packages installed with ``--no-compile``) that made
-    ``import torch`` 4.4-5.1 s instead of 2.6 s and diffusers' Flux pipeline 24-26 s instead of 12-14 s (call22).
+    ``import torch`` 4.4-5.1 s instead of 2.6 s and diffusers' Flux pipeline 24-26 s instead of 12-14 s
+    (benchmarks/results/2026-11-23-H100-import-bytecode.log).
     Returns the packages without bytecode.
     """
     import importlib.util

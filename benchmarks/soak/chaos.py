@@ -98,17 +98,23 @@ class Plan:
     """Share of the window over which the jobs are submitted, so work is queued while faults happen."""
 
     def events(self, rng: random.Random, jobs: list[str] | None = None) -> list[Event]:
-        """The faults at random times, and ``jobs`` submitted at even times outside S3 outages and Redis
-        restarts; a job named ``disk-…`` 2 s before the first full-disk spell, one named ``cancel-…`` is
-        cancelled 0.5 s after its submission."""
+        """The faults at random times, and ``jobs`` submitted at even times from 0 s, outside S3 outages and
+        Redis restarts; a job named ``disk-…`` 2 s before the first full-disk spell, one named ``cancel-…``
+        right after the job before it and cancelled 0.5 s later."""
         faults = self._faults(rng)
         blocked = [(e.at - 1.0, e.at + e.duration + BLOCKING[e.kind]) for e in faults if e.kind in BLOCKING]
         disk = [(e.at - 1.0, e.at + e.duration + 1.0) for e in faults if e.kind == "disk_full"]
         events = list(faults)
-        for n, job in enumerate(jobs or []):
-            at = n * self.window_s * self.submit_span / max(1, len(jobs or []) - 1)
-            if job.startswith("disk") and disk:
-                at = max(0.0, disk[0][0] - 2.0)  # just before the disk fills: the spell hits its writes
+        spread = [job for job in jobs or [] if not job.startswith(("disk", "cancel"))]
+        step = self.window_s * self.submit_span / max(1, len(spread) - 1)
+        at = 0.0
+        for job in jobs or []:
+            if job.startswith("cancel"):
+                at += 0.2  # right behind the previous job: its tasks wait in the queue when it is cancelled
+            elif job.startswith("disk"):
+                at = max(0.0, disk[0][0] - 2.0) if disk else 0.0  # the first spell meets its writes
+            else:
+                at = spread.index(job) * step
             for lo, hi in sorted(blocked + (disk[1:] if job.startswith("disk") else [])):
                 if lo <= at <= hi:
                     at = hi

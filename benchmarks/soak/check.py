@@ -108,6 +108,7 @@ def invariants(summary: dict[str, Any], bound_s: float) -> list[dict[str, Any]]:
         ("jobs not terminal", s["jobs_not_terminal"], 0, None),
         ("temporary files left in file storage", s["temporaries"], 0, None),
         ("workers that exited without being killed", s["unexpected_worker_exits"], 0, None),
+        ("junk messages refused and counted", s["junk_refused"], s["junk_pushed"], None),
         ("wall time to the last job's end (s)", s["wall_s"], f"<= {bound_s:g}", s["wall_s"] <= bound_s),
     ]
     return [

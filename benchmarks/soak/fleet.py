@@ -157,6 +157,9 @@ class Fleet:
         if self._thread:
             self._thread.join(timeout=5)
         with self._lock:
+            for slot in self.slots:  # all at once: each finishes its task while the others do
+                if slot.worker:
+                    slot.worker.signal(signal.SIGTERM, whole_group=False)
             for slot in self.slots:
                 if slot.worker:
                     slot.worker.stop(grace=20)

@@ -51,6 +51,22 @@ def print_report(result: dict[str, Any]) -> None:
     )
 
 
+def method(result: dict[str, Any]) -> str:
+    """How the run was set up, in one paragraph."""
+    c, plan, m = result["config"], result["config"]["plan"], result["machine"]
+    limit = c["visibility_s"] * 2 // 3
+    return (
+        f"{c['workers']} `tiny` workers on S3 (moto behind a loopback proxy that answers 503 during bursts) and "
+        f"{c['file_workers']} `tiny-disk` worker on file storage (a {c['disk_mib']} MiB tmpfs), CPU, "
+        f"{c['step_delay_s']} s of sleep per denoising step (about a second per 4-item task); {c['items']} items in "
+        f"{len(result['jobs'])} jobs submitted over the first {plan['window_s'] * plan['submit_span']:g} s, faults "
+        f"at seeded random times in the first {plan['window_s']:g} s; visibility timeout {c['visibility_s']} s, "
+        f"time limits {limit}/{limit - 3} s. A killed worker is started again after 1 s (as a container runtime "
+        f"would). Machine: {m['cpu']}, {m['cores']} cores, shared with other work; redis-server {m['redis_server']}, "
+        f"celery {m['celery']}, kombu {m['kombu']}, moto {m['moto']}."
+    )
+
+
 def note(result: dict[str, Any], json_name: str) -> str:
     """The short Markdown note written beside the JSON."""
     s, o, m = result["summary"], result["observed"], result["machine"]
@@ -59,7 +75,10 @@ def note(result: dict[str, Any], json_name: str) -> str:
         "",
         f"`python benchmarks/chaos_soak.py {result['argv']}` — raw figures in `{json_name}`.",
         "",
-        f"Injected (seed {result['config']['seed']}): {', '.join(f'{k} ×{v}' for k, v in result['injected'].items())}.",
+        method(result),
+        "",
+        f"Injected (seed {result['config']['seed']}): {', '.join(f'{k} ×{v}' for k, v in result['injected'].items())}"
+        " (times and targets in the JSON's `faults`).",
         "",
         "| invariant | observed | expected | holds |",
         "|---|---|---|---|",

@@ -20,6 +20,6 @@ SPEC = BackendSpec(
     serializable=True,
     dequantizable=True,
     refuses={"cpu": "bitsandbytes quantizes only on a CUDA GPU (diffusers: 'No GPU found')"},
-    # transformers keeps T5's wo unquantized (bnb-nf4 10.67 GiB, call12) unless the option quantizes it.
+    # transformers keeps T5's wo unquantized (bnb-nf4 10.67 GiB on an H100) unless the option quantizes it.
     quantizes_t5_wo=lambda options: bool(options.get("quantize_t5_wo")),
 )

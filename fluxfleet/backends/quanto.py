@@ -11,7 +11,7 @@ def direct(options: Options) -> bool:
 
 
 def bytes_per_weight(options: Options, _dtype_bytes: float) -> float:
-    # int4: packed plus a bf16 scale and zero point per group of 128 (quanto-int4 10.26 GiB, call16).
+    # int4: packed plus a bf16 scale and zero point per group of 128 (quanto-int4 10.26 GiB, an H100 smoke run).
     return 0.5 + 4 / 128 if "int4" in str(options.get("weights", "int8")) else 1.0
 
 
@@ -21,8 +21,8 @@ SPEC = BackendSpec(
     packages=("optimum.quanto",),
     extra="quanto",
     refuses={"group_offload": "quanto weights stay on the CPU under group offload (diffusers issue #12610)"},
-    # Through transformers' integration T5's wo stays in the dtype (quanto-int8's T5 5,902,513,280 bytes,
-    # call12); quanto's direct path quantizes every linear.
+    # Through transformers' integration T5's wo stays in the dtype (quanto-int8's T5 5,902,513,280 bytes on
+    # an H100); quanto's direct path quantizes every linear.
     quantizes_t5_wo=direct,
     converts_after_load=direct,
 )

@@ -1,10 +1,10 @@
 """Replay the whole transformer forward as one CUDA graph per input shape (the ``cuda_graph`` speed lever).
 
-A denoising step launches hundreds of kernels (210 fp8 GEMMs and 57 attention calls alone, call26's
+A denoising step launches hundreds of kernels (210 fp8 GEMMs and 57 attention calls alone in an H100
 profile): the regionally compiled blocks, their guards, and the eager parts around them (embeddings, RoPE,
 the output norm). The fast preset's kernels summed to 88.6 ms per step while a step of the transformer took
-93.3 ms (call23): time between kernels, part of it the CPU launching them. A captured graph launches them all
-with one call: -1.5 ms for the transformer, -1.3 ms per pipeline step (call26).
+93.3 ms: time between kernels, part of it the CPU launching them. A captured graph launches them all
+with one call: -1.5 ms for the transformer, -1.3 ms per pipeline step (benchmarks/results/notes/2026-11-23-H100.md).
 
 Each distinct input signature (shapes, dtypes, non-tensor arguments) is captured once, after two warm-up
 runs on a side stream (so compilation and cuDNN/cuBLAS plans exist before capture), into one memory pool

@@ -8,8 +8,9 @@ Two places, both after ``swap_to_fp8`` (the ``dynamic_row_plain`` scheme):
   block's forward hands both halves to ``proj_out.forward_gelu_cat``, so the 15360-wide concatenation is
   never written in bf16.
 
-On CUDA the quantization is one Triton kernel per linear (``workers.speed.fp8_kernels``); inductor's own code for
-the same work took 2.9x as long on an H100 (call22). Elsewhere the same arithmetic runs in torch.
+On CUDA the quantization is one Triton kernel per linear (``workers.speed.fp8_kernels``); inductor's own code
+for the same work took 2.9x as long on an H100 (benchmarks/results/SUMMARY.md). Elsewhere the same arithmetic
+runs in torch.
 """
 
 from __future__ import annotations

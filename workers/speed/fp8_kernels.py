@@ -4,7 +4,7 @@ Inductor quantizes a row wider than it keeps in registers in two passes, an amax
 pass, each reading the input and recomputing the GELU. For the single blocks' ``proj_out`` input
 (``cat([attention output, gelu(proj_mlp output)])``, 4608 x 15360 at 1024x1024) that took 246 us a call
 on an H100 against 84 us for this kernel, which reads each row once into registers and writes its fp8 bytes
-once (call22, ``benchmarks/fp8_quant_kernel.py``). Registered as a ``torch.library.triton_op`` so
+once (``benchmarks/fp8_quant_kernel.py``; benchmarks/results/SUMMARY.md). Registered as a ``torch.library.triton_op`` so
 ``torch.compile`` keeps it inside a full graph and inductor schedules the kernel itself.
 
 Imported only on CUDA hosts (triton is not part of the CPU torch build); ``workers.speed.fp8_linear`` holds the
@@ -84,5 +84,5 @@ def launch_gelu_cat_rowwise_fp8(
 @triton_op("fluxfleet::gelu_cat_rowwise_fp8", mutates_args=())
 def gelu_cat_rowwise_fp8(plain: torch.Tensor, pre_gelu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8 rows of ``cat([plain, gelu_tanh(pre_gelu)], -1)`` (both 2-D, same rows; ``plain`` may be 0 wide)
-    and their float32 scales, shape [rows, 1]. 8 warps: the fastest of 8/16/32 for 15360-wide rows (call22)."""
+    and their float32 scales, shape [rows, 1]. 8 warps: the fastest of 8/16/32 for 15360-wide rows on an H100."""
     return launch_gelu_cat_rowwise_fp8(wrap_triton(gelu_cat_rowwise_fp8_kernel), plain, pre_gelu)

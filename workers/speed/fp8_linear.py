@@ -5,7 +5,7 @@ float8 e4m3 with one scale per output row, each input row scaled by its own abso
 one fp8 GEMM with the bias fused. What differs is the representation: the weight and its scale are plain
 buffers, not a tensor subclass. A compiled block traces as ordinary aten ops (nothing to trace through at
 each worker start), and the layer also runs on a CPU, emulated, so the tests check its numerics. Measured
-on an H100 (call19): as fast as torchao's in the same run. Tests: ``tests/test_backends.py``.
+on an H100: as fast as torchao's in the same run (benchmarks/results/SUMMARY.md). Tests: ``tests/test_backends.py``.
 
 ``Fp8WeightOnlyLinear`` is the weight-only counterpart for T5: the same per-row fp8 weights, computed in
 bf16, so a preset needs no torchao (whose import costs seconds of every worker start).

@@ -3,7 +3,7 @@
 Every config is built with ``set_inductor_config=False`` (a field of each torchao config; diffusers'
 TorchAoConfig passes the object through to ``quantize_``). With the default True, torchao turns on inductor's
 coordinate-descent tuning with all directions when it quantizes, and the regional compile of
-torchao-fp8-dynamic-row took 260 s to warm up on an H100 (benchmarks/results/). The compile settings stay
+torchao-fp8-dynamic-row took 260 s to warm up on an H100 (benchmarks/results/SUMMARY.md). The compile settings stay
 the preset's ``[compile]``.
 """
 

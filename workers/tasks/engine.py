@@ -29,15 +29,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fluxfleet.errors import JobError, PermanentStorageError, ValidationError
+from fluxfleet.errors import JobError, PermanentStorageError
 from fluxfleet.jobs import JobStore
-from fluxfleet.keys import image_key, item_key
+from fluxfleet.keys import image_key
 from fluxfleet.outcomes import Outcomes
 from fluxfleet.presets import Preset
 from fluxfleet.schema import Item, ItemRecord, TaskPayload, Timings
 from fluxfleet.settings import Settings
 from fluxfleet.storage import Storage
-from fluxfleet.validation import TokenCounter, validate_params, validate_prompt
+from workers.tasks.admission import Admission
 from workers.tasks.observer import Observer
 from workers.tasks.png import encode_png
 from workers.tasks.uploads import Uploads
@@ -109,7 +109,7 @@ class Engine:
         self.gpu = gpu
         self.observer = observer or Observer()
         self._stopped_jobs: dict[str, tuple[float, bool]] = {}
-        self.counter = TokenCounter(model)
+        self.admission = Admission(preset, model, settings, jobs)
         self.uploads = Uploads(settings.storage.upload_threads)
         self.stop_requested = threading.Event()
         self.deadline: float | None = None
@@ -118,41 +118,6 @@ class Engine:
         soft = settings.worker.task_soft_time_limit_s
         # Stop between steps a little before Celery's own soft limit fires anywhere in the code.
         self.soft_limit_s = soft - min(max(1.0, 0.05 * soft), soft / 2)
-
-    # -- checks (never trust the queue) -------------------------------------------------------
-    def _check(self, payload: TaskPayload) -> None:
-        # Never generate or record under what a message claims: the preset and model are this worker's,
-        # and each key must hash them (a key of another model would later be served as "already stored").
-        if payload.preset != self.preset.name:
-            raise ValidationError(f"task for preset '{payload.preset}' reached a '{self.preset.name}' worker")
-        if payload.model != self.model:
-            raise ValidationError(
-                f"task for model '{payload.model}' reached a worker that loaded '{self.model}' (preset "
-                f"'{self.preset.name}'); the producer and the worker must agree on the model and FLUXFLEET_MODEL_DIR",
-                field="model",
-            )
-        limits = self.settings.limits
-        if len(payload.items) > self.preset.max_items_per_task:
-            raise ValidationError(
-                f"{len(payload.items)} items in one task, over preset '{self.preset.name}''s max_items_per_task "
-                f"of {self.preset.max_items_per_task}",
-                field="items",
-            )
-        for item in payload.items:
-            where = item.source or f"item {item.index}"
-            if len(item.prompt) > limits.max_prompt_chars:
-                raise ValidationError(
-                    f"prompt is {len(item.prompt)} characters, over the limit of {limits.max_prompt_chars}",
-                    where=where,
-                    field="prompt",
-                )
-            validate_params(item.params, self.settings.limits, where)
-            validate_prompt(item.prompt, item.params.max_sequence_length, self.counter, where)
-            expected = item_key(
-                model=self.model, preset=self.preset.name, prompt=item.prompt, seed=item.seed, params=item.params
-            )
-            if expected != item.key:
-                raise ValidationError("item key does not match its request", where=where, field="key")
 
     def _fail_all(self, payload: TaskPayload, items: list[Item], reason: str, label: str) -> None:
         for item in items:
@@ -193,13 +158,15 @@ class Engine:
         received = time.time()
         queue_wait = max(0.0, received - payload.enqueued_at)
         self.observer.stage("queue_wait", queue_wait, len(payload.items))
+        if not self.admission.held_by_job(payload):
+            return outcome
         pending = self._unfinished(payload.job_id, payload.items)
         outcome.already_done = len(payload.items) - len(pending)
         if not pending:
             self._finish(payload.job_id)
             return outcome
         try:
-            self._check(payload)
+            self.admission.check(payload)
         except JobError as e:
             self._fail_all(payload, pending, str(e), "invalid")
             outcome.failed = len(pending)
