@@ -84,7 +84,7 @@ def run_soak(config: SoakConfig, workdir: Path) -> dict[str, Any]:
     """Run one soak in ``workdir``; returns the results (``invariants`` rows say whether it held)."""
     rng = random.Random(config.seed)
     if not (config.model_dir / "model_index.json").is_file():
-        from workers.tiny_model import build_tiny_pipeline
+        from workers.tools.tiny_model import build_tiny_pipeline
 
         build_tiny_pipeline(config.model_dir)
     presets = workdir / "presets"

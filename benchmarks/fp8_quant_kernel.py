@@ -4,7 +4,7 @@ In each of FLUX.1-dev's 38 single blocks, ``proj_out`` (fp8 row-wise in the fast
 ``cat([attention output, gelu_tanh(proj_mlp output)])``, 4608 x 15360 at 1024x1024. Inductor quantizes it
 in two kernels, an amax pass and a scale-and-cast pass, each reading both inputs and recomputing GELU
 (5.48 + 5.51 ms per step in an H100 profile). This script times that against the one-pass Triton kernel
-of ``workers/fp8_kernels.py`` (each row kept in registers: read once, write fp8 once) at 8, 16 and 32 warps.
+of ``workers/speed/fp8_kernels.py`` (each row kept in registers: read once, write fp8 once) at 8, 16 and 32 warps.
 Figures: ``benchmarks/results/2026-11-23-H100-fp8-quant-kernel.json`` (benchmarks/results/SUMMARY.md).
 GPU only::
 
@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.results_names import local_device, result_path
-from workers.fp8_kernels import gelu_cat_rowwise_fp8_kernel, launch_gelu_cat_rowwise_fp8
-from workers.fp8_linear import FP8_MAX, MIN_SCALE, rowwise_quantize
-from workers.speed import versions
+from workers.speed.compile_cache import versions
+from workers.speed.fp8_kernels import gelu_cat_rowwise_fp8_kernel, launch_gelu_cat_rowwise_fp8
+from workers.speed.fp8_linear import FP8_MAX, MIN_SCALE, rowwise_quantize
 
 ROWS, ATTN, MLP = 4608, 3072, 12288  # 4096 image + 512 text tokens; 24 heads x 128; 4 x 3072
 

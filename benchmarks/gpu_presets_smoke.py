@@ -7,7 +7,7 @@ Usage (on the GPU host, after installing the wheelhouse)::
 
 ``--model`` is a full-size random-weight FLUX.1-dev in diffusers format (this script builds nothing);
 GGUF presets need ``--gguf-dir`` holding ``flux1-dev-<TYPE>.gguf`` files (e.g. written by
-``python -m workers.quantize --preset gguf-q8-0 --gguf Q8_0 --out DIR/flux1-dev-Q8_0.gguf``).
+``python -m workers.tools.quantize --preset gguf-q8-0 --gguf Q8_0 --out DIR/flux1-dev-Q8_0.gguf``).
 Each preset runs in its own subprocess so one failure or leak cannot spoil the next.
 """
 
@@ -39,8 +39,8 @@ def run_one(name: str, model: str, steps: int, gguf_dir: str | None, no_compile:
 
     from fluxfleet.presets import load_preset
     from fluxfleet.settings import Settings
-    from workers.backends.footprint import record_generation_peak
-    from workers.loading import load_pipeline
+    from workers.pipeline.build import build_pipeline
+    from workers.pipeline.footprint import record_generation_peak
 
     settings = Settings(model_dir=model)
     preset = load_preset(name, settings.presets_dir)
@@ -52,7 +52,7 @@ def run_one(name: str, model: str, steps: int, gguf_dir: str | None, no_compile:
     if no_compile:
         preset = preset.model_copy(update={"compile": preset.compile.model_copy(update={"enabled": False})})
     progress(f"{name}: loading")
-    loaded = load_pipeline(preset, settings)
+    loaded = build_pipeline(preset, settings)
     after_load = loaded.memory.after_load_bytes
     progress(f"{name}: loaded in {loaded.load_s:.1f}s ({loaded.stages}); first call")
 

@@ -22,12 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 HIDE_BNB = "import sys; sys.modules['bitsandbytes'] = None\n"
 HIDE_BNB_AO = "import sys; sys.modules['bitsandbytes'] = sys.modules['torchao'] = None\n"
-# What workers.loading.load_pipeline imports before its first CUDA call, for a torchao preset.
-WORKER_SET = (
-    "from diffusers import FluxPipeline\n"
-    "import torchao.quantization\n"
-    "import workers.backends, workers.backends.footprint, workers.placement, workers.speed\n"
-)
+# What workers.pipeline.build.build_pipeline imports before its first CUDA call, for a torchao preset.
+WORKER_SET = "from diffusers import FluxPipeline\nimport torchao.quantization\nimport workers.pipeline.build\n"
 CASES: dict[str, str] = {
     "diffusers FluxPipeline": "from diffusers import FluxPipeline\n",
     "diffusers FluxPipeline, bitsandbytes hidden": HIDE_BNB + "from diffusers import FluxPipeline\n",
@@ -85,7 +81,7 @@ def main() -> None:
             rec = {"case": name, "run": attempt, **run_case(code), "process_s": time.perf_counter() - t}
             records.append(rec)
             print(json.dumps(rec), flush=True)
-    from workers.speed import versions  # metadata only: no torch in this process
+    from workers.speed.compile_cache import versions  # metadata only: no torch in this process
 
     result: dict = {"versions": versions(), "records": records}
     if args.importtime:

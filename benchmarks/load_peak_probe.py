@@ -1,8 +1,8 @@
 """GPU memory of the fast preset's load path, stage by stage, on a random full-size FLUX.1-dev pipeline.
 
 Builds the four components in bf16 straight on the GPU (as from_pretrained(device_map="cuda") leaves them),
-then runs what workers.speed.apply_speed does for the fast preset: fuse QKV (diffusers' fuse_projections,
-then the unfused projections dropped, as workers.speed.fuse_qkv), the transformer's linears to fp8 row-wise,
+then runs what the fast preset's levers (workers/speed/levers/) do: fuse QKV (diffusers' fuse_projections, then
+the unfused projections dropped), the transformer's linears to fp8 row-wise,
 T5's linears to weight-only fp8. Prints allocated and peak after each stage, then the working memory of one
 T5 encode (512 tokens), one transformer forward (1024x1024) and one VAE decode (1024x1024).
 
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, ".")
-from workers.fp8_linear import Fp8WeightOnlyLinear, any_linear, swap_to_fp8
+from workers.speed.fp8_linear import Fp8WeightOnlyLinear, any_linear, swap_to_fp8
 
 GIB = 1024**3
 out: dict[str, Any] = {}
@@ -38,8 +38,8 @@ def mark(name: str) -> None:
 
 
 def fuse_qkv(model: torch.nn.Module) -> None:
-    # workers.speed.fuse_qkv, copied: workers.speed imports pydantic (through fluxfleet.presets), which the GPU
-    # image lacks.
+    # workers/speed/levers/fuse_qkv.py's, copied: it imports pydantic (through fluxfleet.presets), which the
+    # GPU image lacks.
     model.fuse_qkv_projections()
     for module in model.modules():
         if getattr(module, "fused_projections", False):

@@ -35,7 +35,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if not (args.model_dir / "model_index.json").is_file():
-        subprocess.run([sys.executable, "-m", "workers.tiny_model", str(args.model_dir)], check=True)
+        subprocess.run([sys.executable, "-m", "workers.tools.tiny_model", str(args.model_dir)], check=True)
     store = Path(tempfile.mkdtemp(prefix="fluxfleet-overhead-"))
     env = {
         "FLUXFLEET_MODEL_DIR": str(args.model_dir.resolve()),

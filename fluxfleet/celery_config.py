@@ -57,7 +57,7 @@ def celery_config(settings: Settings, queues: list[str] | None = None) -> dict[s
     }
     if worker.max_rss_bytes or worker.max_gpu_reserved_bytes:
         # Checked by the pool child after each task: over the limit, it exits and a fresh one loads.
-        # The worker points this check at GPU reserved memory too (workers.app.watch_gpu_memory).
+        # The worker points this check at GPU reserved memory too (workers.service.app.watch_gpu_memory).
         config["worker_max_memory_per_child"] = (worker.max_rss_bytes // 1024) or 2**50
     if queues:
         config["task_queues"] = [Queue(q, routing_key=q) for q in queues]

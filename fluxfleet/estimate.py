@@ -4,7 +4,7 @@ Pure numbers, no torch. Parameter counts of the FLUX.1-dev components (as counte
 ``benchmarks/results/2026-12-02-H200-fast-load-peak.json``) times the bytes per weight that the preset's
 quantization backend and its ``[speed]`` fp8 conversion leave, plus the working memory of the stage that runs
 (text encoding, denoising, VAE decoding). All figures are ``torch.cuda.memory_allocated`` bytes, what the
-worker records (``workers/backends/footprint.py``) and ``benchmarks/results/`` holds; ``tests/test_planner.py``
+worker records (``workers/pipeline/footprint.py``) and ``benchmarks/results/`` holds; ``tests/test_planner.py``
 checks every preset measured there against these numbers::
 
     component_bytes(preset)            # {"transformer": ..., ...} once loaded and converted
@@ -13,9 +13,9 @@ checks every preset measured there against these numbers::
 
 from __future__ import annotations
 
-from typing import Any
-
+from fluxfleet.backends import BackendSpec, backend_spec
 from fluxfleet.errors import ConfigurationError
+from fluxfleet.levers import HOLDS_BOTH, active_levers, fp8_conversions
 from fluxfleet.presets import Preset
 
 GIB = 1024**3
@@ -33,10 +33,6 @@ PARAMS: dict[str, dict[str, int]] = {
 LARGEST_LINEAR = 56_623_104  # one 3072x18432 modulation linear: the unit of leaf-level group offload
 LARGEST_BLOCK = 339_831_296  # one double-stream block: the unit of block-level group offload
 T5_LARGEST_LINEAR = 41_943_040  # one 4096x10240 feed-forward linear
-# 19 double-stream blocks x 6 (q, k, v and the text stream's added q, k, v) + 38 single-stream x 3 projections,
-# each 3072x3072: diffusers' fuse_projections builds all the fused copies before workers.speed.fuse_qkv drops
-# the unfused ones (measured on an H200: +4.06 GiB during the fusion, none after).
-QKV_PARAMS = (19 * 6 + 38 * 3) * 3072 * 3072
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 COMPONENTS = tuple(PARAMS)
 STAGE_OF = {"text_encoder": "encode", "text_encoder_2": "encode", "transformer": "denoise", "vae": "decode"}
@@ -53,45 +49,22 @@ STAGE_OF = {"text_encoder": "encode", "text_encoder_2": "encode", "transformer":
 STAGE_BYTES_1MP = {"encode": int(0.4 * GIB), "denoise": int(0.8 * GIB), "decode": int(2.4 * GIB)}
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-GGUF_BITS = {"Q2_K": 2.625, "Q3_K": 3.4375, "Q4_0": 4.5, "Q4_1": 5.0, "Q4_K": 4.5, "Q5_0": 5.5, "Q5_1": 6.0}
-GGUF_BITS |= {"Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5, "F16": 16.0, "BF16": 16.0}
-# workers.fp8_linear.swap_to_fp8 walks ``list(model.modules())``, which keeps every replaced bf16 layer
-# alive until the walk ends: a component's bf16 and fp8 weights are both held while it converts (measured on
-# an H200: 42.76 GiB while the fast preset's transformer converts, 31.43 GiB before). torchao's quantize_
-# replaces weights one module at a time.
-SPEED_HOLDS_BOTH = ("dynamic_row_plain", "weight_only_plain")
 
 
 def _dtype_bytes(name: str) -> float:
     return float(DTYPE_BYTES[name])
 
 
+def _backend(preset: Preset) -> BackendSpec:
+    return backend_spec(preset.quantization.backend)
+
+
 def linear_bytes_per_weight(preset: Preset) -> float:
-    """Bytes per weight of a quantized linear layer, scales and zero points included."""
-    q, opts = preset.quantization, preset.quantization.options
-    if q.backend == "bitsandbytes":
-        if int(opts.get("bits", 4)) == 8:
-            return 1.0
-        # 4-bit codes plus one fp32 absmax per 64 weights; nested quantization stores it in 8 bits.
-        return 0.5 + (1 / 64 + 4 / (64 * 256) if opts.get("double_quant", False) else 4 / 64)
-    if q.backend in ("torchao", "quanto"):
-        kind = str(opts.get("type", opts.get("weights", "int8")))
-        if "int4" in kind:
-            # Packed int4 plus a bf16 scale and zero point per group (quanto's groups are 128 too); measured:
-            # torchao-int4's transformer 6,330,368,128 bytes, quanto-int4 10.26 GiB (H100 smoke runs).
-            return 0.5 + 4 / int(opts.get("group_size", 128))
-        return 1.0
-    if q.backend == "gguf":
-        quant_type = str(opts.get("quant_type", "Q8_0")).upper()
-        if quant_type not in GGUF_BITS:
-            raise ConfigurationError(
-                f"preset '{preset.name}': quantization.options.quant_type '{quant_type}' "
-                f"is not one of {sorted(GGUF_BITS)}"
-            )
-        return GGUF_BITS[quant_type] / 8
-    if q.backend == "layerwise":
-        return 1.0  # float8 storage
-    return _dtype_bytes(preset.dtype)
+    """Bytes per weight of a quantized linear layer, scales and zero points included (the backend's declaration)."""
+    try:
+        return _backend(preset).bytes_per_weight(preset.quantization.options, _dtype_bytes(preset.dtype))
+    except ValueError as e:
+        raise ConfigurationError(f"preset '{preset.name}': {e}") from e
 
 
 def no_estimate_reason(preset: Preset) -> str | None:
@@ -103,34 +76,23 @@ def no_estimate_reason(preset: Preset) -> str | None:
 
 def quantized_components(preset: Preset) -> set[str]:
     """Components the quantization backend (not ``[speed]``) stores quantized."""
-    q = preset.quantization
-    if q.backend == "none":
-        return set()
-    return {"transformer"} if q.backend == "gguf" else set(q.components)  # a GGUF file holds the transformer
+    fixed = _backend(preset).components
+    return set(fixed) if fixed is not None else set(preset.quantization.components)
 
 
 def speed_fp8(preset: Preset) -> dict[str, str]:
     """Components that ``[speed]`` converts to fp8 after loading, with the scheme. A component the backend
     already quantized is left alone: its linear weights are no longer bf16, which the fp8 swap requires."""
     done = quantized_components(preset)
-    wanted = {"transformer": preset.speed.transformer_fp8, "text_encoder_2": preset.speed.text_encoder_2_fp8}
-    return {c: kind for c, kind in wanted.items() if kind != "none" and c not in done}
+    return {c: kind for c, kind in fp8_conversions(preset).items() if c not in done}
 
 
 def _kept_bytes(preset: Preset, per_weight: float) -> float:
-    """Bytes per weight of T5's ``wo`` when T5 is quantized. Measured with transformers 5.17: bitsandbytes and
-    quanto's transformers integration keep it unquantized in the compute dtype (bnb-nf4 10.67 GiB;
-    quanto-int8's T5 5,902,513,280 bytes), torchao quantizes it (torchao-int4's T5 2,723,557,376
-    bytes; torchao-fp8wo 16.05 GiB; all on an H100). The seed's older versions kept it in fp32 under bnb."""
-    q = preset.quantization
-    direct = (q.backend == "quanto" and _quanto_direct(q.options)) or (
-        q.backend == "bitsandbytes" and bool(q.options.get("quantize_t5_wo"))
-    )
-    return per_weight if direct or q.backend == "torchao" else _dtype_bytes(preset.dtype)
-
-
-def _quanto_direct(options: dict[str, Any]) -> bool:
-    return bool(options.get("direct", str(options.get("weights", "int8")) == "float8"))
+    """Bytes per weight of T5's ``wo`` when T5 is quantized: transformers' ``_keep_in_fp32_modules`` keeps it
+    out of some backends' quantization, in the compute dtype (measured with transformers 5.17; the
+    declarations say which)."""
+    quantized = _backend(preset).quantizes_t5_wo(preset.quantization.options)
+    return per_weight if quantized else _dtype_bytes(preset.dtype)
 
 
 def component_bytes(preset: Preset, speed: bool = True) -> dict[str, int]:
@@ -155,9 +117,7 @@ def component_bytes(preset: Preset, speed: bool = True) -> dict[str, int]:
         elif name in quantized:
             total += groups.get("linear", 0) * per_weight
             # Layerwise casting skips the norm (modulation) linears; other backends quantize them.
-            total += groups.get("modulation", 0) * (
-                dtype_b if preset.quantization.backend == "layerwise" else per_weight
-            )
+            total += groups.get("modulation", 0) * (per_weight if _backend(preset).quantizes_modulation else dtype_b)
             total += groups.get("kept", 0) * _kept_bytes(preset, per_weight)
         else:
             total += linears * dtype_b
@@ -169,15 +129,13 @@ def _converted_after_load(preset: Preset) -> set[str]:
     """Components a backend quantizes after ``from_pretrained`` (not while loading): layerwise casting and
     quanto's direct quantize/freeze."""
     q = preset.quantization
-    if q.backend == "layerwise" or (q.backend == "quanto" and _quanto_direct(q.options)):
-        return set(q.components)
-    return set()
+    return set(q.components) if _backend(preset).converts_after_load(q.options) else set()
 
 
 def load_peak(preset: Preset, on_gpu: tuple[str, ...] | list[str], straight_to_gpu: bool) -> tuple[int, str]:
     """Largest allocation on one GPU while loading the components ``on_gpu`` there, and the step that sets it.
 
-    ``straight_to_gpu``: ``from_pretrained`` puts them on the GPU (``device_map``, workers/placement.py), so a
+    ``straight_to_gpu``: ``from_pretrained`` puts them on the GPU (``device_map``, workers/pipeline/placement.py), so a
     backend that quantizes after loading does it there, from bf16. The ``[speed]`` steps run once the pipeline
     is placed, always on the GPU: fusing QKV, then the transformer's fp8 conversion, then T5's.
     """
@@ -191,11 +149,12 @@ def load_peak(preset: Preset, on_gpu: tuple[str, ...] | list[str], straight_to_g
     for c in (c for c in names if c in late):
         steps.append((now + 4 * _largest_linear(c), f"the backend quantizing {c} on the GPU"))
         now += plain[c] - bf16[c]
-    if preset.speed.fuse_qkv and "transformer" in names:
-        steps.append((now + int(QKV_PARAMS * dtype_b), "fusing QKV (fused and unfused projections both held)"))
+    for lever in active_levers(preset):
+        if lever.transient_params and "transformer" in names:
+            steps.append((now + int(lever.transient_params * dtype_b), lever.transient_step))
     for c, kind in speed_fp8(preset).items():
         if c in names:
-            held = served[c] if kind in SPEED_HOLDS_BOTH else 0
+            held = served[c] if kind in HOLDS_BOTH else 0
             what = "its bf16 and fp8 copies both held" if held else "one layer at a time"
             steps.append((now + held + 4 * _largest_linear(c), f"the [speed] fp8 conversion of {c} ({what})"))
             now += served[c] - plain[c]

@@ -6,8 +6,9 @@ import hashlib
 import json
 import re
 
+from pydantic import BaseModel
+
 from fluxfleet.errors import ValidationError
-from fluxfleet.schema import GenerationParams
 
 TASK_GENERATE = "fluxfleet.generate"
 """Stable task name: the producer sends by name and never imports worker code."""
@@ -34,8 +35,11 @@ def queue_name(preset: str) -> str:
     return f"fluxfleet.{preset}"
 
 
-def item_key(*, model: str, preset: str, prompt: str, seed: int, params: GenerationParams) -> str:
-    """A hash of everything that decides the image (never of the image bytes, which vary by GPU)."""
+def item_key(*, model: str, preset: str, prompt: str, seed: int, params: BaseModel) -> str:
+    """A hash of everything that decides the image (never of the image bytes, which vary by GPU).
+
+    ``params`` is a ``fluxfleet.schema.GenerationParams``; typed by its base so the keys do not import the
+    schema, which imports them."""
     request = {
         "v": KEY_VERSION,
         "model": model,

@@ -4,7 +4,7 @@ Names follow ``fluxfleet_<noun>_<unit>`` in base units (seconds, bytes); counter
 Labels are low-cardinality only (see ``ALLOWED_LABELS``): never a job id or a prompt.
 
 Worker metrics are written by the pool child and served by the worker's parent process
-(``workers/metrics.py``); queue metrics are read from Redis by ``fluxfleet exporter``.
+(``workers/service/metrics.py``); queue metrics are read from Redis by ``fluxfleet exporter``.
 Pure data: importing this module imports neither prometheus_client nor torch.
 """
 

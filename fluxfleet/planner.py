@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+from fluxfleet.backends import backend_spec
 from fluxfleet.errors import ConfigurationError
 from fluxfleet.estimate import (
     COMPONENTS,
@@ -51,21 +52,12 @@ __all__ = [
 SAFETY_BYTES = 512 * 1024**2
 """Bytes kept free on each GPU for the CUDA context, cuBLAS workspaces and fragmentation."""
 
-# Backends known not to survive an offload mode, with the evidence.
-GROUP_OFFLOAD_REFUSED = {
-    "quanto": "quanto weights stay on the CPU under group offload (diffusers issue #12610)",
-}
-GROUP_OFFLOAD_STREAM_REFUSED = {
-    "torchao": "torchao tensors under group offload with use_stream=True stay on the CPU or fail to pin "
-    "(diffusers issues #13281, #14433); set placement.group_offload_use_stream = false",
-}
-
 Policy = Literal["gpu", "balanced", "model_offload", "group_offload", "cpu"]
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the pipeline lives; decided by :func:`plan_placement`, applied by ``workers.placement``."""
+    """Where the pipeline lives; decided by :func:`plan_placement`, applied by ``workers.pipeline.placement``."""
 
     policy: Policy
     gpus: int = 1
@@ -95,17 +87,11 @@ class Placement:
 
 def incompatibility(preset: Preset, policy: str) -> str | None:
     """Why ``policy`` cannot run this preset, or None. Version-dependent checks happen in the worker."""
-    backend = preset.quantization.backend
-    if backend == "bitsandbytes" and policy == "cpu":
-        return "bitsandbytes quantizes only on a CUDA GPU (diffusers: 'No GPU found')"
-    if policy == "group_offload" and backend in GROUP_OFFLOAD_REFUSED:
-        return GROUP_OFFLOAD_REFUSED[backend]
-    if (
-        policy == "group_offload"
-        and preset.placement.group_offload_use_stream
-        and backend in GROUP_OFFLOAD_STREAM_REFUSED
-    ):
-        return GROUP_OFFLOAD_STREAM_REFUSED[backend]
+    refuses = backend_spec(preset.quantization.backend).refuses
+    if policy in refuses:
+        return refuses[policy]
+    if policy == "group_offload" and preset.placement.group_offload_use_stream and "group_offload_stream" in refuses:
+        return refuses["group_offload_stream"]
     if policy == "group_offload" and preset.compile.enabled and preset.compile.fullgraph:
         # Group offload hooks sit on the layers inside the compiled blocks and move weights mid-forward.
         return (
@@ -129,7 +115,7 @@ def _one_gpu(
             )
         else:
             peak = total + working_bytes(stages, COMPONENTS)
-        # workers.placement.load_kwargs loads a one-GPU pipeline straight onto the GPU (device_map="cuda").
+        # workers.pipeline.placement.load_kwargs loads a one-GPU pipeline straight onto the GPU (device_map="cuda").
         return peak, total, load_peak(preset, COMPONENTS, straight_to_gpu=True)
     if policy == "model_offload":
         # One component at a time on the GPU, with its stage's working memory. Loading (and any [speed]

@@ -3,7 +3,7 @@
 Usage::
 
     preset = load_preset("bf16", settings.presets_dir)
-    preset.quantization.backend       # "none", "bitsandbytes", "torchao", "quanto", "gguf", "layerwise"
+    preset.quantization.backend       # a backend declared in fluxfleet/backends/: "none", "bitsandbytes", ...
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from fluxfleet.backends import backend_spec
 from fluxfleet.errors import ConfigurationError, UnknownPresetError, ValidationError
+from fluxfleet.levers import refusals
 from fluxfleet.settings import GenerationDefaults, Settings
 
 PlacementPolicy = Literal["auto", "gpu", "balanced", "model_offload", "group_offload", "cpu"]
-QuantizationBackend = Literal["none", "bitsandbytes", "torchao", "quanto", "gguf", "layerwise"]
 
 PRESET_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 """A preset name names a file and a queue: lower case (so no two names share a file on a case-insensitive
@@ -47,9 +48,15 @@ class QuantizationSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: QuantizationBackend = "none"
+    backend: str = Field("none", description="a backend declared in fluxfleet/backends/")
     components: list[str] = Field(default_factory=lambda: ["transformer", "text_encoder_2"])
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("backend")
+    @classmethod
+    def _declared(cls, value: str) -> str:
+        backend_spec(value)  # ValueError naming the known backends
+        return value
 
 
 class PlacementSpec(BaseModel):
@@ -81,7 +88,8 @@ class WarmupSpec(BaseModel):
 
 
 class SpeedSpec(BaseModel):
-    """Speed levers applied after placement (``workers/speed.py``); every default leaves the pipeline as loaded."""
+    """The ``[speed]`` levers' settings (declared in ``fluxfleet/levers.py``, applied by ``workers/speed/levers/``);
+    every default leaves the pipeline as loaded."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -98,7 +106,7 @@ class SpeedSpec(BaseModel):
     fp8_gelu_fusion: bool = Field(
         False,
         description="with transformer_fp8 = 'dynamic_row_plain': apply each GELU that feeds an fp8 linear while"
-        " quantizing that linear's input, in one pass over memory (workers/fp8_fusion.py)",
+        " quantizing that linear's input, in one pass over memory (workers/speed/fp8_fusion.py)",
     )
     text_encoder_2_fp8: Literal["none", "dynamic_row", "weight_only", "weight_only_plain"] = Field(
         "none",
@@ -127,22 +135,11 @@ class SpeedSpec(BaseModel):
         None, description="shared cache directory; FLUXFLEET_COMPILE_CACHE_DIR overrides; default ~/.cache/fluxfleet"
     )
     recompile_limit: int = Field(8, ge=1, description="recompiles allowed per compiled block before eager fallback")
-    warm_up: bool = Field(True, description="compile at the warm-up shapes inside the speed step (before saving)")
-
-    @model_validator(mode="after")
-    def _cacheable(self) -> SpeedSpec:
-        if self.multi_kernel and self.compile_cache:
-            # torch 2.11 / triton 3.6: a multi-kernel graph read back from inductor's cache fails in
-            # MultiKernelCall (triton's JITFunction has no hash lock after loading); seen on an H100.
-            raise ValueError(
-                "multi_kernel cannot be combined with compile_cache: cached multi-kernel graphs fail to load"
-            )
-        if self.fp8_gelu_fusion and self.transformer_fp8 != "dynamic_row_plain":
-            raise ValueError(
-                "fp8_gelu_fusion needs transformer_fp8 = 'dynamic_row_plain' (it rewrites those fp8 linears),"
-                f" not {self.transformer_fp8!r}"
-            )
-        return self
+    warm_up: bool = Field(
+        True,
+        description="warm up (compile) at the warm-up shapes when the pipeline is built, even where the worker's own"
+        " warm-up is off, so the compile cache is saved with them; a start warms up once either way",
+    )
 
     @property
     def enabled(self) -> bool:
@@ -187,18 +184,19 @@ class Preset(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _graphable(self) -> Preset:
-        if self.speed.cuda_graph:
-            if self.placement.policy in ("balanced", "model_offload", "group_offload"):
-                raise ValueError(
-                    f"speed.cuda_graph needs the pipeline on one GPU; placement.policy {self.placement.policy!r}"
-                    " moves weights or splits the model during the forward, which one graph cannot replay"
-                )
-            if self.compile.enabled and (not self.compile.regional or self.compile.mode == "reduce-overhead"):
-                raise ValueError(
-                    "speed.cuda_graph captures the forward itself: use it with compile.regional = true and"
-                    " without mode 'reduce-overhead'"
-                )
+    def _parts_combine(self) -> Preset:
+        # The backend and each lever declare what they refuse (fluxfleet/backends/, fluxfleet/levers.py);
+        # load_preset names the file. Placement policies the planner judges, with the free memory.
+        refuses = backend_spec(self.quantization.backend).refuses
+        asked = {"compile": self.compile.enabled, "cuda_graph": self.speed.cuda_graph}
+        problems = [
+            f"quantization.backend '{self.quantization.backend}' refuses {what}: {refuses[what]}"
+            for what, on in asked.items()
+            if on and what in refuses
+        ]
+        problems += refusals(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def model_source(self, settings: Settings) -> str:

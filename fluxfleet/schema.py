@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from fluxfleet.keys import check_job_id
+
 SCHEMA_VERSION = 1
 
 SEED_LIMIT = 2**64
@@ -64,8 +66,6 @@ class TaskPayload(BaseModel):
     @classmethod
     def _safe_job_id(cls, value: str) -> str:
         # The job id names a storage prefix: one with '/' or '..' could write outside it.
-        from fluxfleet.keys import check_job_id
-
         return check_job_id(value)
 
     @field_validator("preset")

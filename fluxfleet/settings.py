@@ -238,8 +238,8 @@ ENV_PREFIX = "FLUXFLEET_"
 NOT_SETTINGS = frozenset(
     {
         "FLUXFLEET_LOGLEVEL",  # the worker's log level (workers.main)
-        "FLUXFLEET_COMPILE_CACHE_DIR",  # overrides a preset's compile cache directory (workers.speed)
-        "FLUXFLEET_TEST_FAULTS",  # fault injection in the test suite (workers.faults)
+        "FLUXFLEET_COMPILE_CACHE_DIR",  # overrides a preset's compile cache directory (workers.speed.compile_cache)
+        "FLUXFLEET_TEST_FAULTS",  # fault injection in the test suite (workers.service.faults)
         "FLUXFLEET_TEST_MODEL_CACHE",  # the test suite's tiny model directory
         "FLUXFLEET_UP_TEST_TOKEN",  # marks the processes a test of `fluxfleet up` started
         "FLUXFLEET_APT_GET",  # scripts/bootstrap

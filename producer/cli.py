@@ -10,49 +10,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from fluxfleet.errors import FluxfleetError
 from fluxfleet.settings import Settings
+from producer.cli_common import _fail, _plain, app, console, err
 from producer.client import Client
 from producer.extras import needs_extra
-
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Distributed batch text-to-image generation.")
-console = Console()
-err = Console(stderr=True)
 
 
 def _client() -> Client:
     return Client(Settings())
-
-
-def _plain(value: object) -> str:
-    """``value`` as text rich prints as it is: brackets in it are not read as markup ('[lost]' stays).
-
-    Put it last or before plain text: a final backslash stays single, where ``escape`` alone would double
-    it (so it cannot escape a tag after it) and rich would then print both.
-    """
-    from rich.markup import escape
-
-    return escape(f"{value}.")[:-1]
-
-
-def _fail(e: BaseException, code: int = 1, settings: Settings | None = None) -> typer.Exit:
-    """Print ``e`` as one sentence on stderr (secrets masked; a Redis failure names the broker and the
-    setting to check) and return the exit to raise."""
-    from fluxfleet.broker import broker_error, is_broker_failure
-    from fluxfleet.redaction import environment_secrets, redact
-
-    message = str(e)
-    try:
-        settings = settings or Settings()
-        if is_broker_failure(e):
-            message = str(broker_error(e, settings.broker))
-        secrets = [*environment_secrets(), *settings.secret_values()]
-    except Exception:  # settings that do not even load: mask what the environment marks as secret
-        secrets = environment_secrets()
-    err.print(f"[red]error:[/red] {_plain(redact(message, secrets))}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 class _Failures:
@@ -245,7 +212,7 @@ def make_tiny_model(directory: Path) -> None:
     """Build the tiny random-weight FLUX pipeline (for tests and the demo) into DIRECTORY."""
     import subprocess
 
-    code = subprocess.call([sys.executable, "-m", "workers.tiny_model", str(directory)])
+    code = subprocess.call([sys.executable, "-m", "workers.tools.tiny_model", str(directory)])
     raise typer.Exit(code)
 
 
@@ -262,7 +229,7 @@ def demo(
     raise typer.Exit(run_demo(prompts=prompts, output=output, model_dir=model_dir))
 
 
-# Command modules register themselves on `app`; imported last because they import `app` from here.
+# Command modules register themselves on `app` (producer.cli_common).
 from producer import cli_compare, cli_fleet, cli_models, cli_observe  # noqa: E402, F401
 
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from producer.cli import app, console, err
+from producer.cli_common import app, console, err
 from producer.extras import needs_extra
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}

@@ -21,7 +21,7 @@ from fluxfleet.jobs import JobStore
 from fluxfleet.presets import load_preset
 from fluxfleet.redaction import redact
 from fluxfleet.settings import Settings, check_time_limits
-from producer.cli import _fail, _plain, app, console, err
+from producer.cli_common import _fail, _plain, app, console, err
 from producer.extras import needs_extra
 from producer.up import BROKER_ENV, Fleet, group_gpus, plan_workers, select_gpus, shutdown_grace, tail
 

@@ -1,7 +1,7 @@
 """``fluxfleet presets``, ``plan`` and ``quantize``: what a preset needs and where it would live.
 
 Registered on the main app (``producer/cli.py`` imports this module last). Nothing here imports
-torch: ``quantize`` runs ``python -m workers.quantize`` in a subprocess.
+torch: ``quantize`` runs ``python -m workers.tools.quantize`` in a subprocess.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fluxfleet.errors import FluxfleetError
-from fluxfleet.estimate import speed_fp8
+from fluxfleet.estimate import quantized_components, speed_fp8
 from fluxfleet.planner import (
     COMPONENTS,
     GIB,
@@ -31,15 +31,14 @@ from fluxfleet.planner import (
 )
 from fluxfleet.presets import Preset, load_preset, preset_names
 from fluxfleet.settings import Settings
-from producer.cli import _fail, _plain, app, console
+from producer.cli_common import _fail, _plain, app, console
 from producer.extras import needs_extra
 
 
 def component_backends(preset: Preset) -> dict[str, str]:
     """Which backend holds each component ('none' where it stays in the preset's dtype)."""
-    q = preset.quantization
-    quantized = {"transformer"} if q.backend == "gguf" else set(q.components)
-    return {c: (q.backend if c in quantized and q.backend != "none" else "none") for c in COMPONENTS}
+    quantized = quantized_components(preset)  # as the backend declares (a GGUF file holds the transformer)
+    return {c: (preset.quantization.backend if c in quantized else "none") for c in COMPONENTS}
 
 
 def describe(preset: Preset) -> dict[str, Any]:
@@ -228,7 +227,7 @@ def quantize(
     gguf: Annotated[str | None, typer.Option(help="write the transformer as GGUF of this type (e.g. Q8_0)")] = None,
 ) -> None:
     """Save a quantized pipeline so workers load it without quantizing (runs the worker code in a subprocess)."""
-    args = [sys.executable, "-m", "workers.quantize", "--preset", preset, "--out", str(out)]
+    args = [sys.executable, "-m", "workers.tools.quantize", "--preset", preset, "--out", str(out)]
     if dequantize:
         args.append("--dequantize")
     if gguf:

@@ -21,7 +21,7 @@ from fluxfleet.keys import manifest_key
 from fluxfleet.schema import ItemRecord
 from fluxfleet.settings import Settings
 from fluxfleet.storage import open_storage
-from producer.cli import app, console, err
+from producer.cli_common import app, console, err
 from producer.extras import needs_extra
 
 

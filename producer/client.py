@@ -39,6 +39,7 @@ from fluxfleet.settings import Settings
 from fluxfleet.storage import Storage, open_storage
 from producer.batching import build_items, new_job_id, split_tasks
 from producer.inputs import PromptSpec, prompt_specs, submit_arguments
+from producer.stored import status_from_storage, stored_outcomes
 
 logger = logging.getLogger(__name__)
 
@@ -232,23 +233,7 @@ class Client:
 
     def stored_outcomes(self, job_id: str) -> tuple[dict[str, Any], list[ItemRecord], list[ItemFailure]]:
         """(job spec, stored records, stored failures) from storage alone."""
-        try:
-            spec = json.loads(self.storage.get(job_spec_key(job_id)))
-        except KeyError:
-            raise FluxfleetError(
-                f"unknown job '{job_id}': not in Redis, and no {job_spec_key(job_id)} in storage"
-            ) from None
-        records = [
-            ItemRecord.model_validate_json(self.storage.get(key))
-            for key in self.storage.list(f"jobs/{job_id}/records/")
-            if key.endswith(".json")
-        ]
-        failures = [
-            ItemFailure.model_validate_json(self.storage.get(key))
-            for key in self.storage.list(f"jobs/{job_id}/failures/")
-            if key.endswith(".json")
-        ]
-        return spec, records, failures
+        return stored_outcomes(self.storage, job_id)
 
     def _resume_from_storage(self, job_id: str) -> tuple[int, int]:
         spec, records, failures = self.stored_outcomes(job_id)
@@ -273,22 +258,7 @@ class Client:
 
     def status_from_storage(self, job_id: str) -> JobStatus:
         """Status of a job Redis has lost: stored items are done, the rest are 'lost'."""
-        spec, records, failures = self.stored_outcomes(job_id)
-        done = {r.key for r in records}
-        keys = {i["key"] for i in spec["items"]}
-        failed = {f.key for f in failures} & (keys - done)
-        return JobStatus(
-            job_id=job_id,
-            preset=spec["preset"],
-            state="lost",
-            total=len(spec["items"]),
-            done=len(done & keys),
-            skipped=sum(1 for r in records if r.skipped),
-            failed=len(failed),
-            cancelled=0,
-            created_at=min((r.finished_at for r in records), default=0.0),
-            missing=len(keys - done - failed),
-        )
+        return status_from_storage(self.storage, job_id)
 
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)

@@ -30,7 +30,7 @@ def _stop_on_sigterm() -> None:
 def run_demo(*, prompts: Path, output: Path, model_dir: Path, preset: str = "tiny") -> int:
     if not (model_dir / "model_index.json").is_file():
         console.print(f"building the tiny FLUX pipeline in {model_dir} …")
-        subprocess.run([sys.executable, "-m", "workers.tiny_model", str(model_dir)], check=True)
+        subprocess.run([sys.executable, "-m", "workers.tools.tiny_model", str(model_dir)], check=True)
     _stop_on_sigterm()
     output = output.resolve()
     env = {

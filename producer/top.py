@@ -1,6 +1,6 @@
 """``fluxfleet top``: a live view of the fleet from the workers' metrics endpoints and Redis.
 
-No Prometheus needed: workers advertise their endpoint in Redis (``workers/metrics.py``), queues
+No Prometheus needed: workers advertise their endpoint in Redis (``workers/service/metrics.py``), queues
 are read the way ``fluxfleet exporter`` reads them, jobs from fluxfleet's own records. Rates
 (images per minute, seconds per image) are differences between two successive refreshes.
 

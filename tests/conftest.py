@@ -51,7 +51,7 @@ FAST_ENV = {
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workers.tiny_model import build_tiny_pipeline
+    from workers.tools.tiny_model import build_tiny_pipeline
 
     cached = Path(os.environ.get("FLUXFLEET_TEST_MODEL_CACHE", ".cache/tiny-flux"))
     if (cached / "model_index.json").is_file():

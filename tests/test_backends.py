@@ -1,4 +1,4 @@
-"""Quantization backends on the CPU with the tiny pipeline, through the worker's own load_pipeline.
+"""Quantization backends on the CPU with the tiny pipeline, through the worker's own build_pipeline.
 
 Each CPU-capable backend must really quantize (module/tensor types) and stay within TOLERANCE of the
 unquantized output; CUDA-only ones are skipped here and run by benchmarks/gpu_presets_smoke.py.
@@ -35,7 +35,7 @@ NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.fixture(scope="session")
 def tiny_model_for_backends(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workers.tiny_model import build_tiny_pipeline
+    from workers.tools.tiny_model import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-backends"))
 
@@ -53,9 +53,9 @@ def make_preset(backend: str = "none", options: dict[str, Any] | None = None, **
 
 
 def generate(preset: Preset, model_dir: Path) -> tuple[Any, np.ndarray]:
-    from workers.loading import load_pipeline
+    from workers.pipeline.build import build_pipeline
 
-    loaded = load_pipeline(preset, Settings(model_dir=model_dir, worker=WorkerSettings(device="cpu")))
+    loaded = build_pipeline(preset, Settings(model_dir=model_dir, worker=WorkerSettings(device="cpu")))
     assert loaded.memory.components["transformer"] > 0
     image = loaded.pipe(
         "a red cat",
@@ -117,7 +117,7 @@ def test_cpu_backend_quantizes_and_stays_close(
 def test_gguf_file_written_with_the_gguf_package(
     tiny_model_for_backends: Path, reference: np.ndarray, tmp_path: Path, quant_type: str
 ) -> None:
-    from workers.quantize import write_gguf
+    from workers.tools.quantize import write_gguf
 
     path = write_gguf(tiny_model_for_backends / "transformer", tmp_path / f"t-{quant_type}.gguf", quant_type)
     preset = make_preset("gguf", {"quant_type": quant_type}, single_file=str(path))
@@ -141,7 +141,7 @@ def test_gguf_q2_k_quantizer_matches_the_gguf_and_diffusers_readers() -> None:
     import gguf
     from diffusers.quantizers.gguf.utils import dequantize_blocks_Q2_K
 
-    from workers.gguf_kquants import quantize_q2_k
+    from workers.tools.gguf_kquants import quantize_q2_k
 
     rng = np.random.default_rng(0)
     q2_k = gguf.GGMLQuantizationType.Q2_K
@@ -171,7 +171,7 @@ def wide_model_for_gguf(tiny_model_for_backends: Path, tmp_path_factory: pytest.
 
     from diffusers import FluxTransformer2DModel
 
-    from workers.tiny_model import TINY
+    from workers.tools.tiny_model import TINY
 
     wide = tmp_path_factory.mktemp("wide-gguf") / "model"
     shutil.copytree(tiny_model_for_backends, wide)
@@ -187,7 +187,7 @@ def wide_model_for_gguf(tiny_model_for_backends: Path, tmp_path_factory: pytest.
 def test_gguf_q2_k_file_written_with_our_quantizer(wide_model_for_gguf: Path, tmp_path: Path) -> None:
     import gguf
 
-    from workers.quantize import write_gguf
+    from workers.tools.quantize import write_gguf
 
     q2_k = gguf.GGMLQuantizationType.Q2_K
     path = write_gguf(wide_model_for_gguf / "transformer", tmp_path / "t-Q2_K.gguf", "Q2_K")
@@ -203,19 +203,19 @@ def test_gguf_q2_k_file_written_with_our_quantizer(wide_model_for_gguf: Path, tm
 
 
 def test_gguf_missing_or_not_gguf_fails_at_start(tiny_model_for_backends: Path, tmp_path: Path) -> None:
-    from workers.loading import load_pipeline
+    from workers.pipeline.build import build_pipeline
 
     settings = Settings(model_dir=tiny_model_for_backends, worker=WorkerSettings(device="cpu"))
     with pytest.raises(ModelLoadError, match="does not exist"):
-        load_pipeline(make_preset("gguf", single_file=str(tmp_path / "none.gguf")), settings)
+        build_pipeline(make_preset("gguf", single_file=str(tmp_path / "none.gguf")), settings)
     (tmp_path / "fake.gguf").write_bytes(b"PK\x03\x04 not gguf")
     with pytest.raises(ModelLoadError, match="not a GGUF file"):
-        load_pipeline(make_preset("gguf", single_file=str(tmp_path / "fake.gguf")), settings)
+        build_pipeline(make_preset("gguf", single_file=str(tmp_path / "fake.gguf")), settings)
 
 
 def test_torchao_saved_pipeline_loads_without_quantizing_again(tiny_model_for_backends: Path, tmp_path: Path) -> None:
-    from workers.backends import saved_quantization
-    from workers.quantize import save_quantized
+    from workers.pipeline.backends import saved_quantization
+    from workers.tools.quantize import save_quantized
 
     preset = make_preset("torchao", {"type": "int8_weight_only"})
     settings = Settings(model_dir=tiny_model_for_backends, worker=WorkerSettings(device="cpu"))
@@ -228,7 +228,7 @@ def test_torchao_saved_pipeline_loads_without_quantizing_again(tiny_model_for_ba
 
 
 def test_non_serializable_backend_refuses_to_save(tiny_model_for_backends: Path, tmp_path: Path) -> None:
-    from workers.quantize import save_quantized
+    from workers.tools.quantize import save_quantized
 
     with pytest.raises(ConfigurationError, match="does not serialize"):
         save_quantized(make_preset("quanto", {"weights": "int8"}), Settings(), tmp_path)
@@ -246,7 +246,7 @@ def test_non_serializable_backend_refuses_to_save(tiny_model_for_backends: Path,
 def test_missing_package_names_the_extra(
     monkeypatch: pytest.MonkeyPatch, backend: str, package: str, extra: str
 ) -> None:
-    from workers.backends import pipeline_kwargs
+    from workers.pipeline.backends import pipeline_kwargs
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
@@ -255,7 +255,7 @@ def test_missing_package_names_the_extra(
 
 
 def test_unknown_option_names_the_preset_and_option() -> None:
-    from workers.backends import pipeline_kwargs
+    from workers.pipeline.backends import pipeline_kwargs
 
     with pytest.raises(ConfigurationError, match=r"test-torchao.*quantization\.options \['bitz'\]"):
         pipeline_kwargs(make_preset("torchao", {"bitz": 4}), torch.float32)
@@ -267,26 +267,26 @@ def test_unknown_option_names_the_preset_and_option() -> None:
     [{"bits": 4, "quant_type": "nf4"}, {"bits": 4, "quant_type": "fp4", "double_quant": True}, {"bits": 8}],
 )
 def test_bitsandbytes_on_cuda(tiny_model_for_backends: Path, options: dict) -> None:
-    from workers.loading import load_pipeline
+    from workers.pipeline.build import build_pipeline
 
     preset = make_preset("bitsandbytes", options, dtype="bfloat16", placement={"policy": "gpu"})
-    loaded = load_pipeline(preset, Settings(model_dir=tiny_model_for_backends, worker=WorkerSettings(device="cuda")))
+    loaded = build_pipeline(preset, Settings(model_dir=tiny_model_for_backends, worker=WorkerSettings(device="cuda")))
     assert "Linear4bit" in weight_type(loaded.pipe) or "Linear8bitLt" in weight_type(loaded.pipe)
 
 
 @NEEDS_CUDA
 @pytest.mark.parametrize("kind", ["int4_weight_only", "float8_dynamic_row"])
 def test_torchao_cuda_only_types(tiny_model_for_backends: Path, kind: str) -> None:
-    from workers.loading import load_pipeline
+    from workers.pipeline.build import build_pipeline
 
     preset = make_preset("torchao", {"type": kind, "group_size": 32}, dtype="bfloat16", placement={"policy": "gpu"})
-    loaded = load_pipeline(preset, Settings(model_dir=tiny_model_for_backends, worker=WorkerSettings(device="cuda")))
+    loaded = build_pipeline(preset, Settings(model_dir=tiny_model_for_backends, worker=WorkerSettings(device="cuda")))
     assert "Linear" in weight_type(loaded.pipe)
 
 
 def test_torchao_footprint_counts_the_quantized_storage(tiny_model_for_backends: Path) -> None:
     # Given the tiny transformer in float32 and again quantized to int8 weight-only by torchao,
-    from workers.backends.footprint import module_bytes
+    from workers.pipeline.footprint import module_bytes
 
     pytest.importorskip("torchao")
     plain, _ = generate(make_preset(), tiny_model_for_backends)
@@ -306,8 +306,8 @@ def test_dequantized_component_saves_and_loads_as_a_plain_one(tiny_model_for_bac
     """What `forget_quantization` leaves after diffusers' dequantize: a config without quantization."""
     from diffusers import FluxTransformer2DModel
 
-    from workers.backends import saved_quantization
-    from workers.quantize import forget_quantization
+    from workers.pipeline.backends import saved_quantization
+    from workers.tools.quantize import forget_quantization
 
     # Given a transformer in the state diffusers' dequantize() leaves it (plain weights, quantizer kept),
     model = FluxTransformer2DModel.from_pretrained(tiny_model_for_backends / "transformer")
@@ -329,7 +329,7 @@ def test_dequantized_text_encoder_saves_without_quantization_config(tmp_path: Pa
     """transformers' T5 keeps its config object's ``quantization_config`` after dequantize() (seen on an H100)."""
     from transformers import T5Config, T5EncoderModel
 
-    from workers.quantize import forget_quantization
+    from workers.tools.quantize import forget_quantization
 
     # Given a T5 encoder in the state transformers' dequantize() leaves it,
     model = T5EncoderModel(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
@@ -346,13 +346,13 @@ def test_dequantized_text_encoder_saves_without_quantization_config(tmp_path: Pa
 
 @NEEDS_CUDA
 def test_bitsandbytes_dequantize_round_trip(tiny_model_for_backends: Path, tmp_path: Path) -> None:
-    from workers.loading import load_pipeline
-    from workers.quantize import save_dequantized
+    from workers.pipeline.build import build_pipeline
+    from workers.tools.quantize import save_dequantized
 
     settings = Settings(model_dir=tiny_model_for_backends, worker=WorkerSettings(device="cuda"))
     preset = make_preset("bitsandbytes", {"bits": 4}, dtype="bfloat16", placement={"policy": "gpu"})
     save_dequantized(preset, settings, tmp_path / "plain")
-    plain = load_pipeline(
+    plain = build_pipeline(
         make_preset(dtype="bfloat16", placement={"policy": "gpu"}),
         settings.with_overrides(model_dir=str(tmp_path / "plain")),
     )
@@ -360,7 +360,7 @@ def test_bitsandbytes_dequantize_round_trip(tiny_model_for_backends: Path, tmp_p
 
 
 def test_fp8_rowwise_linear_keeps_a_linear_within_fp8_error() -> None:
-    from workers.fp8_linear import FP8, Fp8RowwiseLinear
+    from workers.speed.fp8_linear import FP8, Fp8RowwiseLinear
 
     # Given a bf16 linear layer and inputs whose rows differ in scale by 100x,
     torch.manual_seed(0)
@@ -385,31 +385,32 @@ def test_plain_fp8_with_gelu_fusion_keeps_the_image(tiny_model_for_backends: Pat
     assert_close(image, reference, bits=8)
 
 
-def test_worker_warm_up_only_runs_the_text_encoders_where_the_speed_step_warmed(
-    tiny_model_for_backends: Path,
-) -> None:
-    from fluxfleet.presets import effective_defaults
-    from workers.loading import load_pipeline, warm_up
+def test_a_start_warms_up_once_through_every_stage(tiny_model_for_backends: Path) -> None:
+    from workers.pipeline.build import build_pipeline
 
-    # Given a pipeline whose speed step warmed up (denoised and decoded) at the preset's warm-up shape,
+    # Given a preset with a [speed] lever (which warms up for its compile cache) and a worker that warms up too,
     preset = make_preset(speed={"fuse_qkv": True}, warmup={"steps": 2, "shapes": [[64, 64]]})
     settings = Settings(model_dir=tiny_model_for_backends, worker=WorkerSettings(device="cpu"))
-    loaded = load_pipeline(preset, settings)
-    assert loaded.speed.warmup_s > 0
-    calls: dict[str, int] = {"transformer": 0, "text_encoder_2": 0, "vae": 0}
-    for name in calls:
-        getattr(loaded.pipe, name).register_forward_pre_hook(
-            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
-        )
-    loaded.pipe.vae.decoder.register_forward_pre_hook(lambda *_: calls.__setitem__("vae", calls["vae"] + 1))
-    # when the worker warms up at that shape,
-    warm_up(loaded, preset, effective_defaults(preset, settings))
-    # then only the text encoders run: no second denoising or decoding.
-    assert calls == {"transformer": 0, "text_encoder_2": 1, "vae": 0}
+    calls: dict[str, int] = {"FluxTransformer2DModel": 0, "T5EncoderModel": 0, "Decoder": 0}
+
+    def count(module: Any, _args: Any) -> None:
+        name = type(module).__name__
+        if name in calls:
+            calls[name] += 1
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        # when the pipeline is built,
+        loaded = build_pipeline(preset, settings, warm=True)
+    finally:
+        hook.remove()
+    # then it warmed up once: T5 encoded once, the transformer ran the two steps, the VAE decoded once.
+    assert calls == {"FluxTransformer2DModel": 2, "T5EncoderModel": 1, "Decoder": 1}
+    assert loaded.warmup_s > 0 and loaded.speed.warmup_s == loaded.warmup_s
 
 
 def test_fp8_weight_only_linear_stores_fp8_and_computes_in_its_dtype() -> None:
-    from workers.fp8_linear import FP8, Fp8WeightOnlyLinear
+    from workers.speed.fp8_linear import FP8, Fp8WeightOnlyLinear
 
     # Given a bf16 linear layer without bias (as T5's),
     torch.manual_seed(0)
@@ -432,7 +433,7 @@ def test_fp8_weight_only_linear_stores_fp8_and_computes_in_its_dtype() -> None:
 
 
 def _fp8_friendly_linear(module: torch.nn.Module) -> bool:
-    from workers.fp8_linear import fp8_friendly
+    from workers.speed.fp8_linear import fp8_friendly
 
     return fp8_friendly(module)
 
@@ -459,13 +460,13 @@ def test_plain_fp8_speed_lever_swaps_the_linears_and_keeps_the_image(
     at_least: int,
     left_over: Any,
 ) -> None:
-    import workers.fp8_linear
+    import workers.speed.fp8_linear
 
     # Given the tiny pipeline with one component's linear layers swapped for fluxfleet's fp8 layers,
     pipe, image = generate(make_preset(speed={**speed, "warm_up": False}), tiny_model_for_backends)
     # then the component holds the fp8 layers and none of the linears the swap replaces,
     modules = list(getattr(pipe, component).modules())
-    assert sum(isinstance(m, getattr(workers.fp8_linear, layer)) for m in modules) >= at_least
+    assert sum(isinstance(m, getattr(workers.speed.fp8_linear, layer)) for m in modules) >= at_least
     assert not [m for m in modules if left_over(m)]
     # and the image stays within the 8-bit tolerance of the float32 reference.
     assert_close(image, reference, bits=8)
@@ -479,7 +480,7 @@ def test_plain_fp8_on_cuda_computes_its_quantized_product_and_rivals_torchao() -
 
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    from workers.fp8_linear import Fp8RowwiseLinear, emulated_scaled_mm, rowwise_quantize
+    from workers.speed.fp8_linear import Fp8RowwiseLinear, emulated_scaled_mm, rowwise_quantize
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(3072, 12288, device="cuda", dtype=torch.bfloat16)

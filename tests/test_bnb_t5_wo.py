@@ -35,7 +35,7 @@ def test_t5_wo_layers_become_4bit_and_the_encoding_stays_close(tiny_model_dir: P
     import bitsandbytes as bnb
     from transformers import T5EncoderModel
 
-    from workers.backends.bnb import config_kwargs, quantize_t5_wo
+    from workers.pipeline.backends.bitsandbytes import config_kwargs, quantize_t5_wo
 
     encoder = T5EncoderModel.from_pretrained(tiny_model_dir / "text_encoder_2", torch_dtype=torch.bfloat16).eval()
     ids = torch.arange(3, 19).reshape(1, 16)
@@ -64,7 +64,7 @@ def test_t5_wo_layers_become_4bit_and_the_encoding_stays_close(tiny_model_dir: P
     [({"bits": 8}, ["transformer", "text_encoder_2"]), ({}, ["transformer"])],
 )
 def test_quantize_t5_wo_refused_where_it_cannot_apply(options: dict, components: list[str]) -> None:
-    from workers.backends.bnb import config_kwargs
+    from workers.pipeline.backends.bitsandbytes import config_kwargs
 
     preset = bnb_preset(quantize_t5_wo=True, **options)
     preset = preset.model_copy(

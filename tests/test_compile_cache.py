@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 if sys.argv[1] == "marked":
-    from workers.speed import SDPA_KERNEL_HELPERS
+    from workers.speed.compile_cache import SDPA_KERNEL_HELPERS
     for helper in SDPA_KERNEL_HELPERS:
         torch._inductor.config.unsafe_marked_cacheable_functions[helper] = torch.__version__
 

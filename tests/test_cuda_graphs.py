@@ -1,4 +1,4 @@
-"""The ``cuda_graph`` speed lever (``workers/cuda_graphs.py``): where presets may use it, and its replays."""
+"""The ``cuda_graph`` speed lever (``workers/speed/cuda_graphs.py``): where presets may use it, and its replays."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_cuda_graph_is_refused_where_a_graph_cannot_replay(tmp_path: Path, secti
 
 
 def test_the_pipelines_own_call_is_one_a_graph_can_replay() -> None:
-    from workers.cuda_graphs import GraphedForward
+    from workers.speed.cuda_graphs import GraphedForward
 
     # FluxPipeline calls its transformer with joint_attention_kwargs={} and return_dict=False: graphable;
     assert GraphedForward.signature({"joint_attention_kwargs": {}, "return_dict": False}) is not None
@@ -43,8 +43,8 @@ def test_the_pipelines_own_call_is_one_a_graph_can_replay() -> None:
 def test_graphed_pipeline_replays_its_transformer_at_every_step(tmp_path: Path) -> None:
     from fluxfleet.presets import Preset
     from fluxfleet.settings import Settings, WorkerSettings
-    from workers.loading import load_pipeline
-    from workers.tiny_model import build_tiny_pipeline
+    from workers.pipeline.build import build_pipeline
+    from workers.tools.tiny_model import build_tiny_pipeline
 
     # Given the tiny pipeline on the GPU with the cuda_graph lever (its warm-up captures the graph),
     preset = Preset.model_validate(
@@ -58,7 +58,7 @@ def test_graphed_pipeline_replays_its_transformer_at_every_step(tmp_path: Path) 
         }
     )
     settings = Settings(model_dir=build_tiny_pipeline(tmp_path), worker=WorkerSettings(device="cuda"))
-    loaded = load_pipeline(preset, settings)
+    loaded = build_pipeline(preset, settings)
     graphed = loaded.pipe.transformer.forward
     before = graphed.replays
     # when it generates 3 steps at that shape, every step is a replay of the one captured graph.
@@ -68,7 +68,7 @@ def test_graphed_pipeline_replays_its_transformer_at_every_step(tmp_path: Path) 
 
 @NEEDS_CUDA
 def test_graphed_transformer_replays_what_the_eager_forward_computes() -> None:
-    from workers.cuda_graphs import graph_the_transformer
+    from workers.speed.cuda_graphs import graph_the_transformer
 
     # Given the tiny transformer on the GPU and two sets of inputs of the same shape,
     model = tiny_transformer().cuda()
@@ -97,7 +97,7 @@ def test_graphed_transformer_replays_what_the_eager_forward_computes() -> None:
 
 @NEEDS_CUDA
 def test_a_forward_that_cannot_be_captured_runs_without_a_graph(caplog: pytest.LogCaptureFixture) -> None:
-    from workers.cuda_graphs import GraphedForward
+    from workers.speed.cuda_graphs import GraphedForward
 
     # Given a forward that reads a value back to the CPU (not allowed while a graph is being captured),
     def forward(hidden_states: torch.Tensor, return_dict: bool = True) -> tuple[torch.Tensor]:
@@ -106,7 +106,7 @@ def test_a_forward_that_cannot_be_captured_runs_without_a_graph(caplog: pytest.L
     graphed = GraphedForward(forward, limit=2)
     x = torch.ones(4, 4, device="cuda")
     # then the capture failure is logged, the call still returns the eager result,
-    with caplog.at_level("ERROR", logger="workers.cuda_graphs"):
+    with caplog.at_level("ERROR", logger="workers.speed.cuda_graphs"):
         out = graphed(hidden_states=x, return_dict=False)[0]
     assert "capture of the transformer failed" in caplog.text
     torch.testing.assert_close(out, x)

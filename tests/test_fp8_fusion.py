@@ -1,4 +1,4 @@
-"""The fast preset's GELU fusion (``workers/fp8_fusion.py``): same arithmetic as the unfused fp8 layers."""
+"""The fast preset's GELU fusion (``workers/speed/fp8_fusion.py``): same arithmetic as the unfused fp8 layers."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def tiny_transformer(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     from diffusers import FluxTransformer2DModel
 
-    from workers.tiny_model import TINY
+    from workers.tools.tiny_model import TINY
 
     torch.manual_seed(0)
     return FluxTransformer2DModel(**TINY.transformer).to(dtype).eval()
@@ -39,8 +39,8 @@ def transformer_inputs(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, 
 
 
 def test_fused_transformer_computes_what_the_unfused_fp8_transformer_computes() -> None:
-    from workers.fp8_fusion import GeluInputFp8Linear, fuse_gelu_into_fp8
-    from workers.fp8_linear import swap_to_fp8
+    from workers.speed.fp8_fusion import GeluInputFp8Linear, fuse_gelu_into_fp8
+    from workers.speed.fp8_linear import swap_to_fp8
 
     # Given the tiny FLUX transformer (1 double block, 2 single blocks) with its linears in fp8,
     unfused = tiny_transformer()
@@ -60,7 +60,7 @@ def test_fused_transformer_computes_what_the_unfused_fp8_transformer_computes() 
 
 
 def test_fusion_refuses_a_transformer_whose_linears_are_not_fp8() -> None:
-    from workers.fp8_fusion import fuse_gelu_into_fp8
+    from workers.speed.fp8_fusion import fuse_gelu_into_fp8
 
     # Given the tiny transformer in bf16 without the fp8 swap, the fusion names the first block it cannot fuse.
     with pytest.raises(ValueError, match=r"transformer_blocks\.0: feed-forward is not GELU\(tanh\) -> fp8 linear"):
@@ -79,8 +79,8 @@ def test_gelu_fusion_without_plain_fp8_is_refused_naming_the_file(tmp_path: Path
 
 @NEEDS_CUDA
 def test_triton_kernel_matches_the_reference_quantization_eager_and_compiled() -> None:
-    from workers.fp8_kernels import gelu_cat_rowwise_fp8
-    from workers.fp8_linear import Fp8RowwiseLinear, gelu_cat_rowwise_quantize
+    from workers.speed.fp8_kernels import gelu_cat_rowwise_fp8
+    from workers.speed.fp8_linear import Fp8RowwiseLinear, gelu_cat_rowwise_quantize
 
     # Given bf16 halves as the single blocks' proj_out sees them (fewer rows),
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from fluxfleet.schema import GenerationParams, Item, TaskPayload
 from fluxfleet.settings import GenerationDefaults, LimitSettings, Settings
 from producer.batching import build_items
 from producer.inputs import PromptSpec, read_prompts
-from workers.png import encode_png, parameters_text
+from workers.tasks.png import encode_png, parameters_text
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = Settings().presets_dir

@@ -1,11 +1,11 @@
-"""What ``from_pretrained`` is told at load time for each placement (workers/placement.py)."""
+"""What ``from_pretrained`` is told at load time for each placement (workers/pipeline/placement.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from fluxfleet.planner import Placement
-from workers.placement import load_kwargs
+from workers.pipeline.placement import load_kwargs
 
 
 @pytest.mark.parametrize(

@@ -52,13 +52,13 @@ def test_the_line_filter_catches_what_the_issue_saw() -> None:
         "deprecation_utils.py:23: FutureWarning: `torch_dtype` is deprecated and will be removed in version 1.0.0.",
     ]
     assert unexpected_lines("\n".join(seen)) == seen
-    assert unexpected_lines("2026-12-02 08:24:14,764 INFO workers.app: worker ready: preset tiny") == []
+    assert unexpected_lines("2026-12-02 08:24:14,764 INFO workers.service.app: worker ready: preset tiny") == []
 
 
 def test_building_the_tiny_model_prints_only_its_result(tmp_path: Path) -> None:
     # Given a fresh directory, as `make demo` sees on a clean clone
     proc = subprocess.run(
-        [sys.executable, "-m", "workers.tiny_model", str(tmp_path / "tiny")],
+        [sys.executable, "-m", "workers.tools.tiny_model", str(tmp_path / "tiny")],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -106,7 +106,7 @@ def never_generate(items: list[Item], stop: Any) -> list[Any]:
 def test_skipped_items_are_recorded_without_downloading_their_images(
     redis_server: RedisServer, s3_endpoint: str, s3_bucket: str
 ) -> None:
-    from workers.engine import Engine
+    from workers.tasks.engine import Engine
 
     settings = s3_settings(s3_endpoint, s3_bucket, FLUXFLEET_BROKER__URL=redis_server.url)
     storage = open_storage(settings.storage)

@@ -13,7 +13,7 @@ def test_builder_makes_weights_in_the_asked_dtype_and_spread(tmp_path: Path) -> 
     from diffusers import FluxPipeline
     from safetensors.torch import load_file
 
-    from workers.tiny_model import TINY, build_flux_pipeline
+    from workers.tools.tiny_model import TINY, build_flux_pipeline
 
     # Given the tiny architecture built the way the benchmark builds FLUX.1-dev (bf16, N(0, 0.02) weights),
     build_flux_pipeline(tmp_path, TINY, dtype=torch.bfloat16, init_std=0.02)

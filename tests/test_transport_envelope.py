@@ -23,7 +23,7 @@ from kombu.serialization import loads
 from kombu.transport.virtual import Message
 
 from fluxfleet.keys import TASK_GENERATE
-from workers.transport import Refused, check_envelope
+from workers.service.transport import Refused, check_envelope
 
 REASONS = {"too_large", "undecodable", "malformed", "content_type"}
 CELERY_REFUSALS = (InvalidTaskError, ContentDisallowed, DecodeError)

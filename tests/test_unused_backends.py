@@ -11,7 +11,7 @@ import pytest
 from fluxfleet.presets import load_preset
 from fluxfleet.settings import Settings
 from tests.conftest import run_python
-from workers.unused_backends import packages_needed
+from workers.pipeline.unused_packages import packages_needed
 
 
 @pytest.mark.parametrize(
@@ -22,7 +22,7 @@ from workers.unused_backends import packages_needed
         ("bnb-nf4", {"bitsandbytes"}),
         ("lean", {"bitsandbytes"}),
         ("torchao-int8wo", {"torchao"}),
-        ("fast", set()),  # both of its [speed] fp8 levers are the plain ones (workers/fp8_linear.py)
+        ("fast", set()),  # both of its [speed] fp8 levers are the plain ones (workers/speed/fp8_linear.py)
         ("torchao-fp8-dynamic-row", {"torchao"}),
         ("quanto-int8", set()),
     ],
@@ -35,13 +35,13 @@ CHILD = """
 import json, sys
 from fluxfleet.presets import effective_defaults, load_preset
 from fluxfleet.settings import Settings
-from workers.unused_backends import keep_unused_backends_out
+from workers.pipeline.unused_packages import keep_unused_backends_out
 
 settings = Settings()
 preset = load_preset("tiny", settings.presets_dir)
 hidden = keep_unused_backends_out(preset)
-from workers.loading import load_pipeline
-loaded = load_pipeline(preset, settings)
+from workers.pipeline.build import build_pipeline
+loaded = build_pipeline(preset, settings)
 image = loaded.pipe(prompt="a cat", num_inference_steps=1, width=64, height=64, output_type="np").images[0]
 loaded_modules = {name: sys.modules.get(name) is not None for name in ("bitsandbytes", "torchao")}
 print(json.dumps({"hidden": hidden, "loaded": loaded_modules, "shape": list(image.shape)}))
@@ -62,7 +62,7 @@ def test_a_plain_preset_loads_and_generates_without_bitsandbytes_or_torchao(tiny
 def test_nothing_is_hidden_once_diffusers_is_imported() -> None:
     code = (
         "import diffusers\nfrom fluxfleet.presets import load_preset\nfrom fluxfleet.settings import Settings\n"
-        "from workers.unused_backends import keep_unused_backends_out\n"
+        "from workers.pipeline.unused_packages import keep_unused_backends_out\n"
         "print(keep_unused_backends_out(load_preset('tiny', Settings().presets_dir)))"
     )
     assert run_python(code) == "[]"

@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     from fluxfleet.presets import load_preset
     from fluxfleet.settings import Settings, check_time_limits
     from fluxfleet.storage import open_storage
-    from workers.app import build_app, runtime, worker_name
-    from workers.loading import check_model_source
-    from workers.metrics import setup_metrics
+    from workers.pipeline.loading import check_model_source
+    from workers.service.app import build_app, runtime
+    from workers.service.identity import worker_name
+    from workers.service.metrics import setup_metrics
 
     try:
         settings = Settings().with_overrides(worker__gpu=args.gpu, worker__metrics_port=args.metrics_port)

@@ -1,0 +1,1 @@
+"""The GPU benchmark's parts; ``benchmarks/gpu_bench.py`` is its command."""
