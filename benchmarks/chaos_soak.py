@@ -38,7 +38,7 @@ from benchmarks.soak.chaos import Chaos, Plan
 from benchmarks.soak.check import SubmittedJob, file_objects, invariants, job_state, objects_check
 from benchmarks.soak.config import FULL_PLAN, SUBJECTS, SoakConfig, client_for, job_sizes, s3_settings, worker_env
 from benchmarks.soak.fleet import Fleet
-from benchmarks.soak.report import machine, note, print_report
+from benchmarks.soak.report import headline, machine, note, print_report
 from benchmarks.soak.services import ChaosProxy, S3Server, Tmpfs
 from fluxfleet.keys import queue_name
 from fluxfleet.settings import DEFAULT_PRESETS_DIR
@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     result["argv"] = " ".join(sys.argv[1:] if argv is None else argv)
+    result["records"] = [headline(result)]
     print_report(result)
     if args.workdir is not None:
         (args.workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -190,7 +190,7 @@ def markdown(s: dict[str, Any]) -> str:
         s["kernels"],
     )
     md += section(
-        "CPU (`benchmarks/submit_throughput.py`, `benchmarks/worker_overhead.py`)",
+        "CPU (`benchmarks/submit_throughput.py`, `benchmarks/worker_overhead.py`, `benchmarks/chaos_soak.py`)",
         "Each record as the file holds it.",
         CPU_COLUMNS,
         s["cpu"],

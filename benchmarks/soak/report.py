@@ -32,6 +32,23 @@ def machine() -> dict[str, Any]:
     }
 
 
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The run's figures as one record (the form ``benchmarks/summarize.py`` lists for CPU benchmarks)."""
+    s = result["summary"]
+    return {
+        "items": s["submitted"],
+        "done": s["done"],
+        "failed": s["failed"],
+        "cancelled": s["cancelled"],
+        "without_outcome": s["without_outcome"],
+        "duplicates": s["duplicates"],
+        "jobs_not_terminal": s["jobs_not_terminal"],
+        "wall_s": s["wall_s"],
+        "bound_s": result["config"]["max_duration_s"],
+        "invariants_held": result["ok"],
+    }
+
+
 def print_report(result: dict[str, Any]) -> None:
     print(f"\nfaults injected: {result['injected']}")
     print(f"{'invariant':<48} {'observed':>10} {'expected':>10}  ok")
