@@ -77,6 +77,11 @@ class GraphedForward:
         except Exception:  # a forward a graph cannot hold is slower without one, not broken
             logger.exception("CUDA graph capture of the transformer failed; this shape runs without a graph")
             torch.cuda.synchronize()
+            # The aborted capture leaves the default CUDA generator in capture mode: every later random
+            # draw on the GPU raises "Offset increment outside graph capture". An empty capture that ends
+            # normally takes it out of that mode (measured on an H200, torch 2.11).
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                pass
             return None
 
     def _capture(self, kwargs: dict[str, Any]) -> _Captured:
