@@ -3,7 +3,7 @@
 Celery reports an unknown or expired task id as PENDING, which cannot be told apart from "queued",
 so progress and outcomes live here, under ``<prefix>:job:<id>``:
 
-- ``…``            hash: preset, model, total, state, created_at, finished_at
+- ``…``            hash: preset, model, total, state, created_at, finished_at, webhook (a URL, optional)
 - ``…:tasks``      hash: task id -> task payload (to re-enqueue what went missing)
 - ``…:done``       hash: item key -> manifest line (ItemRecord JSON)
 - ``…:skipped``    set of the ``…:done`` keys whose stored record is a skipped one (counted without
@@ -12,6 +12,8 @@ so progress and outcomes live here, under ``<prefix>:job:<id>``:
 - ``…:cancelled``  set of item keys not generated because the job was cancelled
 - ``…:starts`` / ``…:ends``  hashes: item key -> generations started / ended with the process alive;
   their difference counts worker deaths during that item, which caps a poison input
+- ``…:webhook``    hash: the completion webhook's deliveries (``fluxfleet.webhooks``); ``<prefix>:webhooks``
+  is the sorted set of jobs whose webhook is due, scored by the time of its next attempt
 
 ``<prefix>:rejected`` (hash: reason -> count) counts messages a worker refused to run; the newest are kept
 in ``<prefix>:deadletter`` (``fluxfleet.deadletter``).
@@ -67,7 +69,20 @@ redis.call('DEL', unpack(KEYS))
 return 1
 """
 
-JOB_PARTS = ("", "tasks", "done", "skipped", "failed", "cancelled", "starts", "ends")
+# Mark a finished job completed, and only the one time that wins, queue its webhook (if it has one) for
+# delivery now: one script, so a crash between the two can neither lose the notification nor send it twice.
+# KEYS: job hash, its webhook hash, the pending webhooks. ARGV: job id, now.
+COMPLETE_LUA = """
+if redis.call('HSETNX', KEYS[1], 'completed', 1) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'webhook') == 1 then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], 'queued_at', ARGV[2], 'attempts', 0)
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+end
+return 1
+"""
+
+JOB_PARTS = ("", "tasks", "done", "skipped", "failed", "cancelled", "starts", "ends", "webhook")
 """Suffixes of a job's keys (see the module docstring)."""
 
 JOB_FIELDS = ("preset", "state", "total", "created_at")
@@ -133,10 +148,12 @@ class JobStore:
         model: str,
         tasks: list[TaskPayload],
         encoded: dict[str, str] | None = None,
+        webhook: str | None = None,
     ) -> None:
         """Record a job as 'submitting' with all its tasks, in one round trip.
 
         ``encoded``: each task's JSON by task id where the caller already has it (submit checks its size).
+        ``webhook``: a URL (checked by ``fluxfleet.webhooks.check_webhook_url``) told when the job ends.
         """
         encoded = encoded or {}
         total = sum(len(t.items) for t in tasks)
@@ -150,6 +167,7 @@ class JobStore:
                 "tasks": len(tasks),
                 "state": "submitting",
                 "created_at": time.time(),
+                **({"webhook": webhook} if webhook else {}),
             },
         )
         for chunk_start in range(0, len(tasks), 1000):
@@ -314,11 +332,15 @@ class JobStore:
             pipe = self.r.pipeline()
             pipe.hsetnx(self._k(job_id), "finished_at", time.time())
             pipe.hset(self._k(job_id), "state", state)
-            pipe.hsetnx(self._k(job_id), "completed", 1)
+            pipe.eval(COMPLETE_LUA, 3, *self.webhook_keys(job_id), job_id, time.time())
             return bool(pipe.execute()[2])
         if status.state == "cancelled":
-            return bool(self.r.hsetnx(self._k(job_id), "completed", 1))
+            return bool(self.r.eval(COMPLETE_LUA, 3, *self.webhook_keys(job_id), job_id, time.time()))
         return False
+
+    def webhook_keys(self, job_id: str) -> tuple[str, str, str]:
+        """The job's hash, its webhook deliveries' hash, and the sorted set of due webhooks (all jobs')."""
+        return self._k(job_id), self._k(job_id, "webhook"), f"{self.prefix}:webhooks"
 
     # -- both ----------------------------------------------------------------------------------
     def records(self, job_id: str) -> list[ItemRecord]:

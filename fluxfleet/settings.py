@@ -163,6 +163,22 @@ class GenerationDefaults(BaseModel):
     max_sequence_length: int = 512
 
 
+class WebhookSettings(BaseModel):
+    """Completion webhooks: how workers sign and send the POST a job's ``webhook`` URL receives."""
+
+    secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key of X-Fluxfleet-Signature; a job with a webhook is refused while unset"
+    )
+    timeout_s: float = Field(10.0, gt=0, allow_inf_nan=False, description="seconds one delivery attempt may wait")
+    give_up_after_s: float = Field(
+        3600.0, gt=0, allow_inf_nan=False, description="seconds after the job ends that deliveries stop being retried"
+    )
+    max_backoff_s: float = Field(60.0, gt=0, allow_inf_nan=False, description="longest wait between two attempts")
+    poll_interval_s: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="seconds a worker waits between looks for due deliveries"
+    )
+
+
 class Settings(BaseSettings):
     """Every setting of fluxfleet; see ``config/fluxfleet.env.example`` for the full list."""
 
@@ -173,6 +189,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     limits: LimitSettings = LimitSettings()
     defaults: GenerationDefaults = GenerationDefaults()
+    webhook: WebhookSettings = WebhookSettings()
     presets_dir: Path = Field(default_factory=default_presets_dir)
     model_dir: Path | None = Field(
         None, description="overrides every preset's model source (e.g. the tiny model's directory)"
@@ -191,7 +208,8 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """The secrets these settings hold (for ``fluxfleet.redaction.redact``): never print these."""
-        values = [s.get_secret_value() for s in (self.broker.password, self.storage.secret_access_key) if s]
+        secrets = (self.broker.password, self.storage.secret_access_key, self.webhook.secret)
+        values = [s.get_secret_value() for s in secrets if s]
         url_password = urlsplit(self.broker.url).password
         return values + ([url_password] if url_password else [])
 

@@ -13,6 +13,7 @@ import typer
 
 from fluxfleet.errors import FluxfleetError
 from fluxfleet.settings import Settings
+from fluxfleet.webhooks import delivery_summary, describe_delivery
 from producer.cli_common import _fail, _plain, app, console, err
 from producer.client import Client
 from producer.extras import needs_extra
@@ -44,7 +45,8 @@ PATIENCE_HELP = "seconds a wait keeps retrying through a Redis outage (a restart
 
 def _status_dict(client: Client, job_id: str) -> dict[str, Any]:
     status = client.job(job_id).status()
-    return {**status.model_dump(), "finished": status.finished}
+    webhook = delivery_summary(client.jobs, job_id) if status.state != "lost" else None
+    return {**status.model_dump(), "finished": status.finished, "webhook": webhook}
 
 
 @app.command()
@@ -63,6 +65,9 @@ def submit(
     wait: Annotated[bool, typer.Option(help="wait with a progress bar")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     broker_patience: Annotated[float, typer.Option(help=PATIENCE_HELP)] = 60.0,
+    webhook: Annotated[
+        str | None, typer.Option(help="http(s) URL that gets one signed JSON POST when the job ends")
+    ] = None,
 ) -> None:
     """Validate a prompts file and enqueue it as one job."""
     with _Failures():
@@ -86,6 +91,7 @@ def submit(
                 steps=steps,
                 guidance=guidance,
                 max_sequence_length=max_sequence_length,
+                webhook=webhook,
             )
             job_id = job.id
             status = job.status()
@@ -146,6 +152,8 @@ def status(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False
             f"{data['cancelled']} cancelled{missing}"
         )
     )
+    if data["webhook"]:
+        console.print(_plain(describe_delivery(data["webhook"])))
 
 
 @app.command()

@@ -37,6 +37,7 @@ from fluxfleet.presets import Preset, effective_defaults, load_preset
 from fluxfleet.schema import Item, ItemFailure, ItemRecord, JobStatus, TaskPayload
 from fluxfleet.settings import Settings
 from fluxfleet.storage import Storage, open_storage
+from fluxfleet.webhooks import check_webhook
 from producer.batching import build_items, new_job_id, split_tasks
 from producer.inputs import PromptSpec, prompt_specs, submit_arguments
 from producer.stored import status_from_storage, stored_outcomes
@@ -82,6 +83,7 @@ class Client:
         job_id: str | None = None,
         seed: int = 0,
         images_per_prompt: int = 1,
+        webhook: str | None = None,
         **params: Any,
     ) -> Job:
         """Validate every item, record the job and enqueue its tasks; all or nothing.
@@ -89,7 +91,10 @@ class Client:
         ``params`` are job defaults: width, height, steps, guidance, max_sequence_length (also as
         diffusers' ``num_inference_steps`` and ``guidance_scale``); ``None`` keeps the preset's. An unknown
         keyword, a value that is not exactly a number of its kind, or no prompts raise ``ValidationError``.
+        ``webhook``: an http(s) URL that gets one signed POST when the job ends (``fluxfleet.webhooks``).
         """
+        if webhook is not None:
+            webhook = check_webhook(webhook, self.settings.webhook)
         seed, images_per_prompt, job_params = submit_arguments(
             preset=preset, job_id=job_id, seed=seed, images_per_prompt=images_per_prompt, params=params
         )
@@ -121,12 +126,15 @@ class Client:
         if aborted and not self.jobs.clear_aborted(job_id):
             return self._already_submitted(job_id)  # another submit of this id got there first
         try:
-            self.jobs.create(job_id=job_id, preset=chosen.name, model=model, tasks=tasks, encoded=encoded)
+            self.jobs.create(
+                job_id=job_id, preset=chosen.name, model=model, tasks=tasks, encoded=encoded, webhook=webhook
+            )
         except Exception as e:
             raise BrokerUnavailable(f"could not record job {job_id}: {e}") from e
         try:
             # The job as submitted, outside Redis: `status` and `submit --resume` read it if Redis loses it.
-            spec = {"job_id": job_id, "preset": chosen.name, "model": model, "items": [i.model_dump() for i in items]}
+            spec: dict[str, Any] = {"job_id": job_id, "preset": chosen.name, "model": model, "webhook": webhook}
+            spec["items"] = [i.model_dump() for i in items]
             self.storage.put(job_spec_key(job_id), json.dumps(spec).encode(), "application/json")
             self._publish(tasks, chosen.name)
         except Exception as e:
@@ -242,7 +250,9 @@ class Client:
         done = {r.key for r in records}
         failed = {f.key for f in failures} - done
         tasks = split_tasks(items, job_id=job_id, preset=preset, model=spec["model"])
-        self.jobs.create(job_id=job_id, preset=preset.name, model=spec["model"], tasks=tasks)
+        self.jobs.create(
+            job_id=job_id, preset=preset.name, model=spec["model"], tasks=tasks, webhook=spec.get("webhook")
+        )
         self.jobs.restore(records, (f for f in failures if f.key in failed))  # one round trip
         missing_items = [i for i in items if i.key not in done and i.key not in failed]
         to_publish = split_tasks(missing_items, job_id=job_id, preset=preset, model=spec["model"])

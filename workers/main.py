@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from fluxfleet.presets import load_preset
     from fluxfleet.settings import Settings, check_time_limits
     from fluxfleet.storage import open_storage
+    from fluxfleet.webhooks import start_dispatcher
     from workers.pipeline.loading import check_model_source
     from workers.service.app import build_app, runtime
     from workers.service.identity import worker_name
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     preload_libraries()
     failure = Path(tempfile.mkstemp(prefix="fluxfleet-worker-", suffix=".failure")[1])
     runtime.failure_file = failure
+    # Completion webhooks go out from this parent, never from the child generating: a slow receiver never
+    # holds up an image, and a recycled child never cuts a delivery short.
+    webhooks = start_dispatcher(settings)
     try:
         app = build_app(settings, preset)
         worker = app.Worker(
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(worker.exitcode or 0)
     finally:
         failure.unlink(missing_ok=True)
+        if webhooks is not None:
+            webhooks.stop(timeout_s=settings.webhook.timeout_s)
 
 
 if __name__ == "__main__":
