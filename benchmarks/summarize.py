@@ -6,7 +6,8 @@
 Reads the files named as ``benchmarks/results_names.py`` says (date, device, what was measured) and tells
 their kind by their keys: ``benchmarks/gpu_bench.py`` (``plan`` and ``records``), ``gpu_scaleout.py``
 (records with ``images_per_hour``), ``gpu_presets_smoke.py`` (a list of presets with ``ok``),
-``import_cost.py``, ``fp8_quant_kernel.py``, ``load_peak_probe.py`` (``stages``) and the CPU benchmarks
+``import_cost.py``, ``fp8_quant_kernel.py``, ``load_peak_probe.py`` (``stages``), ``step_cache_bench.py``
+(records that each name a ``cache`` policy; ``benchmarks/summary_cache.py``) and the CPU benchmarks
 (``benchmark``). A figure a run did not measure is "—"; nothing is computed that the files do not hold.
 ``tests/test_results_summary.py`` keeps the committed summary equal to a fresh one.
 """
@@ -22,6 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.results_names import RESULTS_DIR, ResultName, parse
+from benchmarks.summary_cache import is_step_cache, step_cache_rows
 from benchmarks.summary_markdown import DASH, Row, markdown
 
 # Packages whose versions decide the figures, in the order a versions label lists them.
@@ -67,6 +69,10 @@ def kind(data: Any) -> str | None:
         return "bench"
     if "shape" in data:
         return "kernel"
+    # Before scale-out: a step-cache file's records also hold images_per_hour (gpu_bench's worker records
+    # name a cache policy too, which is why "plan" is asked first).
+    if is_step_cache(data):
+        return "step_cache"
     if records and "images_per_hour" in records[0]:
         return "scaleout"
     if records and "case" in records[0]:
@@ -178,6 +184,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "cpu": [],
         "files": [run.file for run in runs],
     }
+    cached: dict[str, list[Row]] = {"step_cache": [], "step_cache_workers": []}
     for run in runs:
         k, d, base = kind(run.data), run.data, {"device": run.name.device, "date": run.name.date, "file": run.file}
         if k == "bench":
@@ -205,13 +212,20 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
             ]
         elif k == "cpu":
             out["cpu"] += [base | {"benchmark": d["benchmark"]} | r for r in d["records"]]
+        elif k == "step_cache":
+            for table, rows in step_cache_rows(run, versions_label(d.get("versions"))).items():
+                cached[table] += rows
+    # The step-caching tables only once a run measured it, so a summary without one stays as it was.
+    if any(cached.values()):
+        files = out.pop("files")
+        out |= cached | {"files": files}
     # Grouped by preset, GPU and versions; newest first within a group, then by file (stable sorts).
     for t in ("presets", "workers", "smoke"):
         out[t].sort(key=lambda r: r["file"])
         out[t].sort(key=lambda r: r["date"], reverse=True)
         out[t].sort(key=lambda r: (not r.get("anchor"), r["preset"] or "", r["device"], r.get("versions", "")))
     # The package versions of a run, by a short name each table shows (V1, V2, ...).
-    versioned = ("presets", "workers", "scaleout", "load_peak")
+    versioned = [t for t in ("presets", "workers", "scaleout", "load_peak", *cached) if t in out]
     labels = sorted({r["versions"] for t in versioned for r in out[t]} - {DASH})
     out["versions"] = {f"V{i}": label for i, label in enumerate(labels, 1)}
     short = {label: name for name, label in out["versions"].items()} | {DASH: DASH}

@@ -27,9 +27,10 @@ def fmt(value: Any, digits: int = 3) -> str:
 Column = tuple[str, Callable[[Row], str]]
 
 
-def section(title: str, intro: str, columns: list[Column], rows: list[Row]) -> list[str]:
+def section(title: str, intro: str, columns: list[Column], rows: list[Row], level: int = 2) -> list[str]:
     """A heading, a paragraph on how the figures were measured, and a table with one line per row."""
-    lines = [f"## {title}", "", intro, "", "| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    heading = "#" * level + " " + title
+    lines = [heading, "", intro, "", "| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
     return lines + ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows] + [""]
 
 
@@ -114,6 +115,41 @@ KERNEL_COLUMNS: list[Column] = [
     col("TB/s", "effective_TBps", 2),
     RUN,
 ]
+STEP_CACHE_COLUMNS: list[Column] = [
+    ("preset", lambda r: r["preset"]),
+    ("cache policy", lambda r: fmt(r["cache"])),
+    ("GPU", lambda r: r["device"]),
+    ("resolution", lambda r: fmt(r["resolution"])),
+    col("steps", "steps"),
+    col("s/image", "s_per_image"),
+    col("images/hour", "images_per_hour", 1),
+    col("× uncached", "speedup_vs_uncached", 2),
+    ("steps computed / reused", lambda r: f"{fmt(r['steps_computed'])} / {fmt(r['steps_reused'])}"),
+    col("GiB peak", "peak_gib", 2),
+    col("latent rel. error vs uncached", "rel_err_latents_vs_uncached", 4),
+    col("refused", "refused"),
+    ("versions", lambda r: r["versions"]),
+    RUN,
+]
+STEP_CACHE_WORKER_COLUMNS: list[Column] = [
+    ("preset", lambda r: r["preset"]),
+    ("cache policy", lambda r: fmt(r["cache"])),
+    ("GPU", lambda r: r["device"]),
+    ("resolution", lambda r: fmt(r["resolution"])),
+    col("steps", "steps"),
+    col("images", "images"),
+    ("steps computed per image", lambda r: ", ".join(map(fmt, r["steps_computed"] or [None]))),
+    col("ready s", "worker_ready_s"),
+    col("job s", "job_wall_s"),
+    col("s/image", "s_per_image"),
+    (
+        "pipeline s/image mean / median",
+        lambda r: f"{fmt(r['pipeline_s_per_image'])} / {fmt(r['pipeline_s_per_image_median'])}",
+    ),
+    col("× uncached", "speedup_vs_uncached", 2),
+    ("versions", lambda r: r["versions"]),
+    RUN,
+]
 CPU_SKIP = {"device", "date", "file", "benchmark"}
 CPU_COLUMNS: list[Column] = [
     ("benchmark", lambda r: r["benchmark"]),
@@ -157,6 +193,8 @@ def markdown(s: dict[str, Any]) -> str:
         WORKER_COLUMNS,
         s["workers"],
     )
+    if "step_cache" in s:
+        md += step_cache_sections(s)
     md += section(
         "Scale-out (`benchmarks/gpu_scaleout.py`)",
         "A fleet started by `fluxfleet up`'s code, one worker per GPU, an unmeasured task per worker first;\n"
@@ -196,3 +234,28 @@ def markdown(s: dict[str, Any]) -> str:
         s["cpu"],
     )
     return "\n".join(md).rstrip("\n") + "\n"
+
+
+def step_cache_sections(s: dict[str, Any]) -> list[str]:
+    """ "Step caching": the in-process table per policy, then the jobs through a real worker."""
+    md = section(
+        "Step caching (`benchmarks/step_cache_bench.py`)",
+        "The latent error is measured on random weights, which do not change between steps as a trained\n"
+        "model's do: only a rough signal of what a policy costs in quality.\n\n"
+        "One process per preset runs the worker's own generate function per cache policy (median of its\n"
+        "repeats). *× uncached*: s/image of the uncached run at the same steps over this one's; *steps computed\n"
+        "/ reused*: transformer steps the policy ran and the ones it reused; *latent rel. error*:\n"
+        "‖latents − uncached‖/‖uncached‖ from the same seed; *refused*: why the preset cannot run the policy.",
+        STEP_CACHE_COLUMNS,
+        s["step_cache"],
+    )
+    return md + section(
+        "Step caching through a real worker",
+        "`python -m workers.main` behind Redis and Celery, one job uncached and one with the policy.\n"
+        "*s/image*: the job's wall time over its images; *pipeline*: the generate time inside the worker,\n"
+        "whose median leaves out a first image that captured new graphs; *× uncached*: the uncached job's\n"
+        "pipeline median over this one's.",
+        STEP_CACHE_WORKER_COLUMNS,
+        s["step_cache_workers"],
+        level=3,
+    )
