@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.gpu.common import ROOT, log
+from benchmarks.gpu.common import ROOT, log, records_table
 from benchmarks.gpu.flux_dev import build
 from benchmarks.gpu.measure import measure
 from benchmarks.gpu.worker import through_worker
@@ -76,10 +76,7 @@ def table(records: list[dict[str, Any]]) -> str:
         ("worker_ready_s", "worker ready s"),
         ("first_image_after_start_s", "start->1st stored s"),
     ]
-    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
-    for r in records:
-        lines.append("| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k, _ in cols) + " |")
-    return "\n".join(lines)
+    return records_table(records, cols)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -46,7 +46,7 @@ def item_key(*, model: str, preset: str, prompt: str, seed: int, params: BaseMod
         "preset": preset,
         "prompt": prompt,
         "seed": seed,
-        **params.model_dump(),
+        **params.request(),  # type: ignore[attr-defined]
     }
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:40]

@@ -62,6 +62,8 @@ class LeverSpec:
     transient_params: int = 0
     transient_step: str = ""
     """The loading step ``transient_params`` are held in, as the planner names it."""
+    every_preset: bool = False
+    """Installed on every preset, ``[speed]`` or not: it changes nothing until an item asks for it."""
 
 
 def _fp8_gelu(preset: Preset) -> str | None:
@@ -142,6 +144,8 @@ LEVERS: tuple[LeverSpec, ...] = (
         _compiled,
         refuses=lambda p: _multi_kernel(p) if p.speed.multi_kernel else None,
     ),
+    # Per item, not per preset: an item's `cache` policy (fluxfleet.caching) picks the mode of each step.
+    LeverSpec("step_cache", (), lambda _p: True, every_preset=True),
     LeverSpec("cuda_graph", ("cuda_graph", "cuda_graph_limit"), lambda p: p.speed.cuda_graph, refuses=_cuda_graph),
 )
 """In the order a worker applies them: the fp8 conversions after the fusion they must see; the CUDA graph last,
@@ -154,9 +158,7 @@ def refusals(preset: Preset) -> list[str]:
 
 
 def active_levers(preset: Preset) -> list[LeverSpec]:
-    if not preset.speed.enabled:
-        return []
-    return [lever for lever in LEVERS if lever.active(preset)]
+    return [lever for lever in LEVERS if lever.every_preset or (preset.speed.enabled and lever.active(preset))]
 
 
 def packages_needed(preset: Preset) -> set[str]:

@@ -80,6 +80,13 @@ DENOISING_STEPS = MetricSpec(
     "Denoising steps run, summed over the images of each batch.",
     WORKER_LABELS,
 )
+REUSED_STEPS = MetricSpec(
+    "fluxfleet_denoising_steps_reused_total",
+    "counter",
+    "Denoising steps an item's cache policy reused instead of running the transformer's blocks (also counted in "
+    "fluxfleet_denoising_steps_total).",
+    WORKER_LABELS,
+)
 DENOISING_RATE = MetricSpec(
     "fluxfleet_denoising_steps_per_second",
     "gauge",
@@ -189,6 +196,7 @@ WORKER_METRICS: tuple[MetricSpec, ...] = (
     IMAGE_SECONDS,
     STAGE_SECONDS,
     DENOISING_STEPS,
+    REUSED_STEPS,
     DENOISING_RATE,
     ITEM_FAILURES,
     TASK_RETRIES,
@@ -223,6 +231,7 @@ UNITS_BY_SUFFIX = (("_seconds", "seconds"), ("_bytes", "bytes"), ("_per_second",
 UNITS = {
     "fluxfleet_images_total": "images",
     "fluxfleet_denoising_steps_total": "steps",
+    "fluxfleet_denoising_steps_reused_total": "steps",
     "fluxfleet_item_failures_total": "items",
     "fluxfleet_task_retries_total": "retries",
     "fluxfleet_worker_process_starts_total": "process starts",

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic import ValidationError as PydanticValidationError
 
 from fluxfleet.backends import backend_spec
+from fluxfleet.caching import parse_policy, preset_refusal
 from fluxfleet.errors import ConfigurationError, UnknownPresetError, ValidationError
 from fluxfleet.levers import refusals
 from fluxfleet.settings import GenerationDefaults, Settings
@@ -195,9 +196,20 @@ class Preset(BaseModel):
             if on and what in refuses
         ]
         problems += refusals(self)
+        problems += self._cache_refusal()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _cache_refusal(self) -> list[str]:
+        if "cache" not in self.defaults:
+            return []
+        try:
+            policy = parse_policy(self.defaults["cache"], field="defaults.cache")
+        except ValidationError as e:
+            return [str(e)]
+        refusal = preset_refusal(policy, self)
+        return [f"defaults.cache: {refusal}"] if refusal else []
 
     def model_source(self, settings: Settings) -> str:
         """The model to load: ``FLUXFLEET_MODEL_DIR`` overrides the preset's own source."""

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from fluxfleet.caching import NONE as NONE_CACHE
 from fluxfleet.keys import check_job_id
 
 SCHEMA_VERSION = 1
@@ -30,10 +31,18 @@ class GenerationParams(BaseModel):
     steps: StrictInt
     guidance: float = Field(strict=True, allow_inf_nan=False)
     max_sequence_length: StrictInt
+    cache: str = Field(
+        NONE_CACHE, description="step caching policy, canonical (fluxfleet.caching); 'none' computes every step"
+    )
 
-    def batch_shape(self) -> tuple[int, int, int, float, int]:
-        """Items with equal shapes can run in one pipeline call."""
-        return (self.width, self.height, self.steps, self.guidance, self.max_sequence_length)
+    def batch_shape(self) -> tuple[int, int, int, float, int, str]:
+        """Items with equal shapes and policies can run in one pipeline call."""
+        return (self.width, self.height, self.steps, self.guidance, self.max_sequence_length, self.cache)
+
+    def request(self) -> dict[str, object]:
+        """The fields that decide the image, as the storage key hashes them: a field at its default (no cache)
+        is left out, so requests made before the field existed keep their keys."""
+        return self.model_dump(exclude_defaults=True)
 
 
 class Item(BaseModel):
@@ -104,6 +113,10 @@ class ItemRecord(BaseModel):
     timings: Timings
     sha256: str
     skipped: bool = Field(False, description="the image already existed; nothing was generated")
+    steps_computed: int | None = Field(
+        None, description="denoising steps run through the transformer's blocks; the others reused a cache"
+    )
+    steps_reused: int | None = Field(None, description="denoising steps the cache policy reused (none: 0)")
     finished_at: float
 
 

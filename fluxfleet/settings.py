@@ -23,7 +23,8 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from fluxfleet.errors import ConfigurationError
+from fluxfleet.caching import canonical_policy
+from fluxfleet.errors import ConfigurationError, ValidationError
 from fluxfleet.redaction import redact_url
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -161,6 +162,17 @@ class GenerationDefaults(BaseModel):
     steps: int = 28
     guidance: float = 3.5
     max_sequence_length: int = 512
+    cache: str = Field("none", description="step caching policy (fluxfleet.caching): none, magcache, fbcache, ...")
+
+    @field_validator("cache")
+    @classmethod
+    def _a_cache_policy(cls, value: str) -> str:
+        # Checked here, kept as written (a setting keeps its text); items carry the canonical form.
+        try:
+            canonical_policy(value)
+            return value
+        except ValidationError as e:
+            raise ValueError(e.args[0] if e.args else str(e)) from None
 
 
 class WebhookSettings(BaseModel):

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError as PydanticValidationError
 
+from fluxfleet.caching import canonical_policy, check_policy
 from fluxfleet.errors import ValidationError
 from fluxfleet.keys import derive_seed, item_key
 from fluxfleet.presets import Preset
@@ -49,8 +50,12 @@ def build_items(
         explicit_seed = overrides.pop("seed", None)
         if explicit_seed is not None:
             _check_seed_range(explicit_seed, count, where)
-        params = _params({**base, **overrides}, where)
+        values = {**base, **overrides}
+        # The job's, the preset's or the environment's default policy as the item keeps it: canonical.
+        values["cache"] = canonical_policy(values["cache"], where=where)
+        params = _params(values, where)
         validate_params(params, limits, where)
+        check_policy(params.cache, preset, params.steps, where=where)
         validate_prompt(spec.prompt, params.max_sequence_length, counter, where)
         for image_index in range(count):
             if explicit_seed is not None:

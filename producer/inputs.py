@@ -27,6 +27,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from fluxfleet.caching import canonical_policy
 from fluxfleet.errors import InputFileError, ValidationError
 from fluxfleet.keys import check_job_id
 from fluxfleet.schema import SEED_LIMIT
@@ -40,12 +41,13 @@ OVERRIDE_FIELDS: dict[str, type] = {
     "guidance": float,
     "max_sequence_length": int,
     "images_per_prompt": int,
+    "cache": str,  # a step caching policy (fluxfleet.caching), kept in its canonical form
 }
 ALIASES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
 """diffusers' names for two fields, accepted in files, dicts and ``Client.submit`` keywords."""
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv")
-JOB_PARAMS = ("width", "height", "steps", "guidance", "max_sequence_length")
+JOB_PARAMS = ("width", "height", "steps", "guidance", "max_sequence_length", "cache")
 """Job defaults ``Client.submit`` takes as keywords (with the ``ALIASES``)."""
 SUBMIT = "Client.submit"
 
@@ -60,8 +62,8 @@ class PromptSpec:
 
 
 def coerce_overrides(values: Mapping[Any, Any], where: str, noun: str = "field") -> dict[str, Any]:
-    """Overrides by their canonical names, each an exact int or a finite float; empty values (``None``,
-    ``""``) leave the job default. Unknown names, and a name given twice (also through an alias), are
+    """Overrides by their canonical names, each an exact int, a finite float or a canonical cache policy; empty
+    values (``None``, ``""``) leave the job default. Unknown names, and a name given twice (also through an alias), are
     refused."""
     if not isinstance(values, Mapping):
         raise ValidationError(f"overrides must be a dict, not {type(values).__name__}", where=where)
@@ -80,9 +82,11 @@ def coerce_overrides(values: Mapping[Any, Any], where: str, noun: str = "field")
         given_as[name] = key.strip()
         if value is None or (isinstance(value, str) and value == ""):
             continue
-        convert = as_int if OVERRIDE_FIELDS[name] is int else as_float
-        overrides[name] = convert(value, where=where, field=name)
+        overrides[name] = _CONVERTERS[OVERRIDE_FIELDS[name]](value, where=where, field=name)
     return overrides
+
+
+_CONVERTERS: dict[type, Callable[..., Any]] = {int: as_int, float: as_float, str: canonical_policy}
 
 
 def spec_from_mapping(raw: Mapping[Any, Any], where: str, noun: str = "field") -> PromptSpec:

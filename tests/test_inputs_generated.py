@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from fluxfleet.caching import canonical_policy
 from fluxfleet.errors import InputFileError, ValidationError
 from fluxfleet.presets import load_preset
 from fluxfleet.schema import Item
@@ -120,20 +121,30 @@ FLOAT_VALUE = st.one_of(
     FLOAT_TEXT,
     st.sampled_from([(True, REFUSED), (None, UNSET), ([1.0], REFUSED)]),
 )
+# Cache policies: kept in their canonical form, or refused; anything but text is refused.
+POLICY_TEXT = st.one_of(
+    st.sampled_from(["magcache", " MAG:0.12 ", "fbcache:threshold=0.3", "taylorseer:4", "none"]).map(
+        lambda t: (t, canonical_policy(t))
+    ),
+    st.floats(0, 1, allow_nan=False).map(
+        lambda f: (f"magcache:{f!r},max_skip=2", canonical_policy(f"mag:{f!r},max_skip=2"))
+    ),
+    st.sampled_from([("", UNSET), ("turbo", REFUSED), ("magcache:2", REFUSED), ("1", REFUSED), ("mag:k=1", REFUSED)]),
+)
+POLICY_VALUE = st.one_of(
+    POLICY_TEXT, st.sampled_from([(None, UNSET), (1, REFUSED), (True, REFUSED), (["magcache"], REFUSED)])
+)
 
 
 def overrides(texts: bool) -> st.SearchStrategy[dict[str, tuple[Any, Any]]]:
     """A few override fields, each with a written value and what it must read as."""
     ints, floats = (INT_TEXT, FLOAT_TEXT) if texts else (INT_VALUE, FLOAT_VALUE)
+    by_type = {int: ints, float: floats, str: POLICY_TEXT if texts else POLICY_VALUE}
     return st.dictionaries(
         st.sampled_from(sorted(OVERRIDE_FIELDS)),
         st.just(None),
         max_size=3,
-    ).flatmap(
-        lambda chosen: st.fixed_dictionaries(
-            {name: (floats if OVERRIDE_FIELDS[name] is float else ints) for name in chosen}
-        )
-    )
+    ).flatmap(lambda chosen: st.fixed_dictionaries({name: by_type[OVERRIDE_FIELDS[name]] for name in chosen}))
 
 
 ROWS_TEXT = st.lists(st.tuples(PROMPT, overrides(texts=True)), min_size=1, max_size=6)
@@ -182,7 +193,7 @@ def check_items(specs: list[PromptSpec], expected: list[dict[str, Any]] | None =
             assert Item.model_validate_json(item.model_dump_json()) == item  # survives the queue's JSON
             if "seed" in overrides:
                 assert item.seed == overrides["seed"] + offset
-            for name in ("width", "height", "steps", "guidance", "max_sequence_length"):
+            for name in ("width", "height", "steps", "guidance", "max_sequence_length", "cache"):
                 if name in overrides:
                     value = getattr(item.params, name)
                     assert value == overrides[name] and type(value) is OVERRIDE_FIELDS[name]

@@ -60,10 +60,12 @@ class Capture:
         return lambda *a, **k: None
 
 
-def items(steps: int, n: int = 1, width: int = RES, height: int = RES) -> list[Any]:
+def items(steps: int, n: int = 1, width: int = RES, height: int = RES, cache: str = "none") -> list[Any]:
     from fluxfleet.schema import GenerationParams, Item
 
-    params = GenerationParams(width=width, height=height, steps=steps, guidance=3.5, max_sequence_length=SEQ)
+    params = GenerationParams(
+        width=width, height=height, steps=steps, guidance=3.5, max_sequence_length=SEQ, cache=cache
+    )
     import hashlib
 
     return [
@@ -116,3 +118,11 @@ def mem(what: str) -> float:
         "peak": torch.cuda.max_memory_allocated,
         "peak_reserved": torch.cuda.max_memory_reserved,
     }[what]()
+
+
+def records_table(records: list[dict[str, Any]], cols: list[tuple[str, str]]) -> str:
+    """A markdown table of ``records``: one column per (key, heading), blank where a record lacks the key."""
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in records:
+        lines.append("| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k, _ in cols) + " |")
+    return "\n".join(lines)

@@ -210,6 +210,7 @@ class PrometheusObserver(Observer):
             metrics.get(m.TASK_RETRIES, reason=reason)
         for stage in m.STAGES:
             metrics.get(m.STAGE_SECONDS, stage=stage)
+        metrics.get(m.REUSED_STEPS)
         metrics.get(m.WORKER_READY).set(0)
         metrics.get(m.WORKER_STARTS).inc()
 
@@ -233,6 +234,9 @@ class PrometheusObserver(Observer):
         self.metrics.get(m.DENOISING_STEPS).inc(steps)
         if seconds > 0:
             self.metrics.get(m.DENOISING_RATE).set(steps / seconds)
+
+    def steps_reused(self, steps: int) -> None:
+        self.metrics.get(m.REUSED_STEPS).inc(steps)
 
     def item_done(self, seconds_end_to_end: float, skipped: bool) -> None:
         self.metrics.get(m.IMAGES, outcome="skipped" if skipped else "generated").inc()

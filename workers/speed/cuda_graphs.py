@@ -12,6 +12,9 @@ shared by all of this transformer's graphs. Later calls copy their tensors into 
 and return a copy of the output, so a caller never holds memory the next replay overwrites. Beyond ``limit``
 signatures, or with arguments a graph cannot hold (attention kwargs with content, tensors off the GPU),
 the call runs the ordinary forward.
+
+A forward that has modes (``workers.speed.step_cache.StepCache``: off, full, reuse) is asked for the mode
+of each call before the graph is chosen; the mode is part of the key, so each mode is its own graph.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ class GraphedForward:
         self.graphs: dict[tuple[Any, ...], _Captured | None] = {}  # None: capture failed, run eagerly
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
+        self.mode_of_call = getattr(forward, "mode_of_call", None)
+        if self.mode_of_call is not None:
+            forward.decided_outside = True  # this wrapper advances its schedule, once per call
 
     @staticmethod
     def signature(kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -59,7 +65,10 @@ class GraphedForward:
         return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), *key)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        mode = self.mode_of_call() if self.mode_of_call is not None else None
         key = None if args else self.signature(kwargs)
+        if key is not None and mode is not None:
+            key = (mode, *key)
         if key is not None and key not in self.graphs and len(self.graphs) < self.limit:
             self.graphs[key] = self._try_capture(kwargs)
         captured = self.graphs.get(key) if key is not None else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from fluxfleet.caching import check_policy
 from fluxfleet.errors import ValidationError
 from fluxfleet.jobs import JobStore
 from fluxfleet.keys import item_key
@@ -55,6 +56,7 @@ class Admission:
                     field="prompt",
                 )
             validate_params(item.params, self.settings.limits, where)
+            check_policy(item.params.cache, self.preset, item.params.steps, where=where)
             validate_prompt(item.prompt, item.params.max_sequence_length, self.counter, where)
             expected = item_key(
                 model=self.model, preset=self.preset.name, prompt=item.prompt, seed=item.seed, params=item.params

@@ -48,6 +48,9 @@ GenerateFn = Callable[[list[Item], Callable[[], bool]], list[Any]]
 """Makes one image per item; calls its second argument between steps and stops if it returns True."""
 
 
+STEPS_INFO = "fluxfleet_steps"
+"""``image.info`` key where the generate function leaves (steps computed, steps reused) of the image's run."""
+
 CANCEL_POLL_S = 1.0
 """Seconds between reads of a running job's state (cancelled or not) during generation."""
 
@@ -306,7 +309,15 @@ class Engine:
         self._stopped_jobs = {job_id: (now, stopped)}
         return stopped
 
-    def _record(self, payload: TaskPayload, item: Item, sha256: str, timings: Timings, skipped: bool) -> None:
+    def _record(
+        self,
+        payload: TaskPayload,
+        item: Item,
+        sha256: str,
+        timings: Timings,
+        skipped: bool,
+        steps: tuple[int, int] | None = None,
+    ) -> None:
         record = ItemRecord(
             job_id=payload.job_id,
             index=item.index,
@@ -323,6 +334,8 @@ class Engine:
             timings=timings,
             sha256=sha256,
             skipped=skipped,
+            steps_computed=steps[0] if steps else None,
+            steps_reused=steps[1] if steps else None,
             finished_at=time.time(),
         )
         # The record is written after the image, so a record always points at a stored image.
@@ -353,7 +366,8 @@ class Engine:
                 logger.info("%s was already stored by another attempt; keeping that object", key)
             timings.upload_s = time.perf_counter() - started
             self.observer.stage("upload", timings.upload_s)
-            self._record(payload, item, sha256, timings, skipped=False)
+            steps = getattr(image, "info", {}).get(STEPS_INFO)
+            self._record(payload, item, sha256, timings, skipped=False, steps=steps)
         except PermanentStorageError as e:
             self._refuse(payload, item, e)
             return False

@@ -1,24 +1,31 @@
 """Turns a loaded pipeline into the engine's ``generate(batch, should_stop)`` function.
 
 The pipeline call is split into its three stages (``workers.pipeline.generation``) so each is timed on its
-own, and a task's prompts are encoded once, batched.
+own, and a task's prompts are encoded once, batched. The batch's cache policy (one per batch: tasks group
+items by it) runs through the transformer's ``StepCache``; each image carries its count of computed and
+reused steps in ``image.info[STEPS_INFO]`` for its manifest record.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
+from fluxfleet.caching import parse_policy
 from fluxfleet.schema import Item
 from workers.pipeline.generation import generate_images
 from workers.pipeline.loading import LoadedPipeline
-from workers.tasks.engine import GenerateFn, Interrupted
+from workers.tasks.engine import STEPS_INFO, GenerateFn, Interrupted
 from workers.tasks.observer import Observer
 
 
 def pipeline_generate(loaded: LoadedPipeline, observer: Observer | None = None) -> GenerateFn:
     observer = observer or Observer()
     pipe = loaded.pipe
+    from workers.speed.step_cache import find  # torch: imported where the pipeline is
+
+    step_cache = find(pipe.transformer)
 
     def generate(batch: list[Item], should_stop: Callable[[], bool]) -> list[Any]:
         params = batch[0].params
@@ -35,20 +42,37 @@ def pipeline_generate(loaded: LoadedPipeline, observer: Observer | None = None) 
             if stage == "denoising":
                 observer.denoising_steps(params.steps * len(batch), seconds)
 
-        images = generate_images(
-            pipe,
-            loaded.device,
-            [item.prompt for item in batch],
-            [item.seed for item in batch],
-            width=params.width,
-            height=params.height,
-            steps=params.steps,
-            guidance=params.guidance,
-            max_sequence_length=params.max_sequence_length,
-            on_step_end=on_step_end,
-            on_stage=on_stage,
-        )
+        policy = parse_policy(params.cache)
+        with _policy_run(step_cache, policy, params.steps) as count:
+            images = generate_images(
+                pipe,
+                loaded.device,
+                [item.prompt for item in batch],
+                [item.seed for item in batch],
+                width=params.width,
+                height=params.height,
+                steps=params.steps,
+                guidance=params.guidance,
+                max_sequence_length=params.max_sequence_length,
+                on_step_end=on_step_end,
+                on_stage=on_stage,
+            )
         observer.generation_memory()
+        if count.reused:
+            observer.steps_reused(count.reused * len(batch))
+        for image in images:
+            image.info[STEPS_INFO] = (count.computed, count.reused) if count.counted else None
         return images
 
     return generate
+
+
+def _policy_run(step_cache: Any, policy: Any, steps: int) -> Any:
+    """The step cache's run of one batch; a pipeline without one (built outside the levers) runs every step."""
+    from workers.speed.step_cache import StepCount
+
+    if step_cache is not None:
+        return step_cache.run(policy, steps)
+    if not policy.is_none:
+        raise RuntimeError("this pipeline has no step cache, so it cannot run a cache policy")
+    return contextlib.nullcontext(StepCount(computed=steps))

@@ -13,6 +13,9 @@ class Observer:
     def denoising_steps(self, steps: int, seconds: float) -> None:
         """``steps`` denoising steps (summed over the batch) took ``seconds``."""
 
+    def steps_reused(self, steps: int) -> None:
+        """A cache policy reused ``steps`` denoising steps (summed over the batch) instead of computing them."""
+
     def item_done(self, seconds_end_to_end: float, skipped: bool) -> None:
         """An item was stored (or found already stored when ``skipped``)."""
 

@@ -23,6 +23,8 @@ def parameters_text(item: Item, preset: str, model: str) -> str:
         f"Size: {p.width}x{p.height}, Model: {model}, Preset: {preset}, "
         f"Max sequence length: {p.max_sequence_length}, Key: {item.key}"
     )
+    if p.cache != "none":  # as before caching existed, for an image computed at every step
+        text += f", Cache: {p.cache}"
     if "\x00" in text:
         field = "prompt" if "\x00" in item.prompt else "model"
         raise ValidationError("a NUL character cannot be stored in a PNG text chunk", where=item.source, field=field)
