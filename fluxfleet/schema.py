@@ -20,6 +20,30 @@ SEED_LIMIT = 2**64
 """Seeds are 0..2^64-1: the range ``torch.Generator.manual_seed`` takes and keeps exactly."""
 
 
+SHA256 = r"^[0-9a-f]{64}$"
+
+
+class AdapterRef(BaseModel):
+    """A LoRA adapter of an item: where it is read from, its content's sha256 (taken at submit) and its scale."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str = Field(description="an s3:// object in the job's storage, a local path, or a hub id")
+    sha256: str = Field(pattern=SHA256)
+    scale: float = Field(strict=True, allow_inf_nan=False)
+
+
+class InputImageRef(BaseModel):
+    """An item's input image (image-to-image): where it is read from, its content's sha256 and size at submit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str = Field(description="an s3:// object in the job's storage, a local path, or an http(s) URL")
+    sha256: str = Field(pattern=SHA256)
+    width: StrictInt
+    height: StrictInt
+
+
 class GenerationParams(BaseModel):
     """Everything besides the prompt that decides an image."""
 
@@ -34,15 +58,37 @@ class GenerationParams(BaseModel):
     cache: str = Field(
         NONE_CACHE, description="step caching policy, canonical (fluxfleet.caching); 'none' computes every step"
     )
+    adapters: tuple[AdapterRef, ...] = Field((), description="LoRA adapters applied to this item, in order")
+    image: InputImageRef | None = Field(None, description="the input image of an image-to-image item")
+    strength: float | None = Field(
+        None, strict=True, allow_inf_nan=False, description="image-to-image: how far from the input image, 0..1"
+    )
 
-    def batch_shape(self) -> tuple[int, int, int, float, int, str]:
-        """Items with equal shapes and policies can run in one pipeline call."""
-        return (self.width, self.height, self.steps, self.guidance, self.max_sequence_length, self.cache)
+    def batch_shape(self) -> tuple[object, ...]:
+        """Items with equal shapes, policies and adapter sets can run in one pipeline call."""
+        adapters = tuple((a.sha256, a.scale) for a in self.adapters)
+        img2img = (self.image is not None, self.strength)
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance,
+            self.max_sequence_length,
+            self.cache,
+            adapters,
+            img2img,
+        )
 
     def request(self) -> dict[str, object]:
-        """The fields that decide the image, as the storage key hashes them: a field at its default (no cache)
-        is left out, so requests made before the field existed keep their keys."""
-        return self.model_dump(exclude_defaults=True)
+        """The fields that decide the image, as the storage key hashes them: a field at its default (no cache,
+        no adapters, no input image) is left out, so requests made before the field existed keep their keys;
+        adapters and input images by their content and scale or strength, not by where they are read from."""
+        request = self.model_dump(exclude_defaults=True)
+        if self.adapters:
+            request["adapters"] = [{"sha256": a.sha256, "scale": a.scale} for a in self.adapters]
+        if self.image is not None:
+            request["image"] = {"sha256": self.image.sha256}
+        return request
 
 
 class Item(BaseModel):
