@@ -82,11 +82,15 @@ def coerce_overrides(values: Mapping[Any, Any], where: str, noun: str = "field")
         given_as[name] = key.strip()
         if value is None or (isinstance(value, str) and value == ""):
             continue
-        overrides[name] = _CONVERTERS[OVERRIDE_FIELDS[name]](value, where=where, field=name)
+        convert = FIELD_CONVERTERS.get(name) or _BY_TYPE[OVERRIDE_FIELDS[name]]
+        overrides[name] = convert(value, where=where, field=name)
     return overrides
 
 
-_CONVERTERS: dict[type, Callable[..., Any]] = {int: as_int, float: as_float, str: canonical_policy}
+_BY_TYPE: dict[type, Callable[..., Any]] = {int: as_int, float: as_float}
+FIELD_CONVERTERS: dict[str, Callable[..., Any]] = {"cache": canonical_policy}
+"""Fields that are not plain numbers, with the function that reads (or refuses) a written value:
+``convert(value, where=..., field=...)``."""
 
 
 def spec_from_mapping(raw: Mapping[Any, Any], where: str, noun: str = "field") -> PromptSpec:
