@@ -60,6 +60,10 @@ def submit(
     seed: Annotated[int, typer.Option(help="job seed; items without a seed derive theirs from it")] = 0,
     images_per_prompt: int = 1,
     max_sequence_length: int | None = None,
+    cache: Annotated[
+        str | None,
+        typer.Option(help="step caching for items without their own: none, magcache[:THRESHOLD], fbcache, taylorseer"),
+    ] = None,
     job_id: Annotated[str | None, typer.Option(help="a stable id makes resubmission a no-op")] = None,
     resume: Annotated[str | None, typer.Option(help="re-enqueue the missing items of this job")] = None,
     wait: Annotated[bool, typer.Option(help="wait with a progress bar")] = False,
@@ -91,6 +95,7 @@ def submit(
                 steps=steps,
                 guidance=guidance,
                 max_sequence_length=max_sequence_length,
+                cache=cache,
                 webhook=webhook,
             )
             job_id = job.id

@@ -190,3 +190,20 @@ def test_a_worker_refuses_a_queued_policy_its_preset_cannot_run(cache: str, word
     with pytest.raises(ValidationError, match=words) as refused:
         Admission(preset, "m", Settings(), jobs=None).check(payload)  # type: ignore[arg-type]
     assert refused.value.field == "cache" and refused.value.where == "jobs.txt:1"
+
+
+@pytest.mark.parametrize(
+    ("cache", "words"),
+    [("turbo", "unknown cache policy 'turbo'"), ("fbcache", "prompts.txt:1: cache policy fbcache cannot run")],
+)
+def test_the_command_line_refuses_a_policy_in_one_sentence(
+    tmp_path: Path, tiny_model_dir: Path, cache: str, words: str
+) -> None:
+    from tests.test_cli_errors import cli_env, fluxfleet, one_sentence
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in snow\n")
+    # Refused before Redis is asked: the broker URL points at a closed port.
+    env = cli_env(tmp_path, tiny_model_dir, "redis://127.0.0.1:1/0")
+    line = one_sentence(fluxfleet(env, "submit", str(prompts), "--preset", "fast", "--cache", cache))
+    assert words in line and "(field 'cache')" in line
