@@ -116,3 +116,50 @@ def test_a_forward_that_cannot_be_captured_runs_without_a_graph(caplog: pytest.L
     # The failed capture leaves the GPU's random numbers usable (the pipeline and later tests draw them).
     torch.nn.Linear(64, 64, device="cuda")
     assert torch.rand(3, device="cuda").shape == (3,)
+
+
+@NEEDS_CUDA
+def test_magcache_under_the_graph_is_magcache_without_it(tmp_path: Path) -> None:
+    from fluxfleet.caching import parse_policy
+    from fluxfleet.presets import Preset
+    from fluxfleet.settings import Settings, WorkerSettings
+    from workers.pipeline.build import build_pipeline
+    from workers.speed.step_cache import find
+    from workers.tools.tiny_model import build_tiny_pipeline
+
+    # Given the tiny pipeline on the GPU with the cuda_graph lever, and the same pipeline without it,
+    model_dir = build_tiny_pipeline(tmp_path)
+
+    def build(graph: bool) -> object:
+        preset = Preset.model_validate(
+            {
+                "name": "graphed",
+                "model": "unused",
+                "dtype": "float32",
+                "placement": {"policy": "gpu"},
+                "speed": {"cuda_graph": graph},
+                "warmup": {"steps": 2, "shapes": [[64, 64]]},
+            }
+        )
+        settings = Settings(model_dir=model_dir, worker=WorkerSettings(device="cuda"))
+        return build_pipeline(preset, settings).pipe
+
+    def latents(pipe: object) -> torch.Tensor:
+        with find(pipe.transformer).run(parse_policy("magcache"), 12) as count:  # type: ignore[attr-defined]
+            out = pipe(  # type: ignore[operator]
+                "a red cat",
+                width=64,
+                height=64,
+                num_inference_steps=12,
+                generator=torch.Generator("cpu").manual_seed(1),
+                output_type="latent",
+            ).images
+        assert count.reused > 0
+        return out
+
+    graphed, eager = build(True), build(False)
+    # when both run 12 MagCache steps, the graphed one replays a full and a reuse graph and computes the same.
+    ours = latents(graphed)
+    forward = graphed.transformer.forward  # type: ignore[attr-defined]
+    assert {key[0] for key in forward.graphs} >= {"full", "reuse"}
+    torch.testing.assert_close(ours, latents(eager), rtol=1e-4, atol=1e-4)
