@@ -1,5 +1,5 @@
-"""``Client.submit`` refuses what it cannot take exactly, by name and place, before Redis sees anything
-(issue 14, defect 8): unknown keywords, a file name passed as a str, no prompts, values of the wrong type."""
+"""``Client.submit`` refuses what it cannot take exactly, by name and place, before Redis sees anything:
+unknown keywords, a file name passed as a str, no prompts, values of the wrong type."""
 
 from __future__ import annotations
 

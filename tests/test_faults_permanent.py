@@ -1,4 +1,4 @@
-"""Permanent storage faults against real workers (issue 14, defects 2, 4, 10, 15).
+"""Permanent storage faults against real workers.
 
 Each permanent fault (a link in the storage root, a full or read-only disk, a bucket that is gone,
 credentials the server refuses) fails the items it touches at once with the reason; every job reaches

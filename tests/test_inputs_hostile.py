@@ -1,6 +1,6 @@
 """Hostile prompts files and preset names: every value is kept exactly or refused with file:line:field.
 
-Each test here is one way input used to be silently changed (issue 14, defects 7 and 11).
+Each test here is one way input used to be silently changed.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def test_generation_params_are_strict(bad: dict[str, Any]) -> None:
         GenerationParams(**{**good, **bad})
 
 
-# -- preset names are names (defect 11) -----------------------------------------------------------------
+# -- preset names are names -----------------------------------------------------------------
 
 
 def test_a_preset_path_is_refused_with_the_known_presets(tmp_path: Path) -> None:

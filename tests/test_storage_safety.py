@@ -95,7 +95,7 @@ def test_links_inside_the_root_are_refused_and_never_followed(tmp_path: Path, li
 
 
 def test_a_manifest_path_linked_to_an_image_leaves_the_image_alone(tmp_path: Path) -> None:
-    # Issue 14, defect 10: the manifest write once overwrote another job's PNG through a link.
+    # The manifest write once overwrote another job's PNG through a link.
     root = (tmp_path / "root").resolve()
     storage = LocalStorage(root)
     storage.put_if_absent(PNG_KEY, b"the PNG of job a", "image/png")
@@ -109,7 +109,7 @@ def test_a_manifest_path_linked_to_an_image_leaves_the_image_alone(tmp_path: Pat
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_files_and_directories_honour_the_umask(tmp_path: Path, umask: int) -> None:
-    # Issue 14, defect 15: images and job.json were 0600 (mkstemp), unreadable by the group.
+    # Images and job.json were once 0600 (mkstemp), unreadable by the group.
     previous = os.umask(umask)
     try:
         storage = LocalStorage((tmp_path / "root").resolve())
@@ -222,7 +222,7 @@ def test_s3_faults_are_sorted_into_permanent_and_transient(s3_endpoint: str, s3_
 
 
 def test_an_empty_tls_ca_file_setting_is_unset(tmp_path: Path) -> None:
-    # Issue 14, defect 15: FLUXFLEET_BROKER__TLS_CA_FILE="" became Path("") == "." ("Is a directory").
+    # FLUXFLEET_BROKER__TLS_CA_FILE="" once became Path("") == "." ("Is a directory").
     env = {"FLUXFLEET_BROKER__URL": "rediss://127.0.0.1:1/0", "FLUXFLEET_BROKER__TLS_CA_FILE": ""}
     broker = settings_for(env).broker
     assert broker.tls_ca_file is None
