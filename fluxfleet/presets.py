@@ -147,6 +147,14 @@ class SpeedSpec(BaseModel):
         return self != SpeedSpec()
 
 
+class AdaptersSpec(BaseModel):
+    """Per-item LoRA adapters (``fluxfleet.adapters``): the largest rank an adapter file may have."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted; the hot-swap target rank")
+
+
 class EstimateSpec(BaseModel):
     """Whether the planner's memory estimate applies: it counts FLUX.1-dev's parameters, whatever the model."""
 
@@ -174,6 +182,7 @@ class Preset(BaseModel):
     warmup: WarmupSpec = WarmupSpec()
     speed: SpeedSpec = SpeedSpec()
     estimate: EstimateSpec = EstimateSpec()
+    adapters: AdaptersSpec = AdaptersSpec()
     defaults: dict[str, Any] = Field(default_factory=dict, description="overrides of GenerationDefaults")
 
     @field_validator("name")

@@ -191,6 +191,18 @@ class WebhookSettings(BaseModel):
     )
 
 
+class AdapterSettings(BaseModel):
+    """LoRA adapters on a worker: a local cache of adapter files, and how many stay loaded in the pipeline."""
+
+    cache_dir: Path = Field(
+        Path("~/.cache/fluxfleet/adapters"), description="where a worker keeps fetched adapter files, by sha256"
+    )
+    cache_bytes: int = Field(
+        8 * 2**30, gt=0, description="bytes of adapter files kept; the least recently used go first"
+    )
+    max_loaded: int = Field(8, ge=4, le=64, description="adapters kept loaded in the pipeline (an item uses up to 4)")
+
+
 class Settings(BaseSettings):
     """Every setting of fluxfleet; see ``config/fluxfleet.env.example`` for the full list."""
 
@@ -202,6 +214,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     defaults: GenerationDefaults = GenerationDefaults()
     webhook: WebhookSettings = WebhookSettings()
+    adapters: AdapterSettings = AdapterSettings()
     presets_dir: Path = Field(default_factory=default_presets_dir)
     model_dir: Path | None = Field(
         None, description="overrides every preset's model source (e.g. the tiny model's directory)"

@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError as PydanticValidationError
 
+from fluxfleet.adapters import adapter_refs, check_adapters
 from fluxfleet.caching import canonical_policy, check_policy
 from fluxfleet.errors import ValidationError
 from fluxfleet.keys import derive_seed, item_key
@@ -29,9 +30,12 @@ def build_items(
     limits: LimitSettings,
     job_seed: int = 0,
     images_per_prompt: int = 1,
+    adapters: tuple[Any, ...] = (),
+    resolved_adapters: Mapping[str, tuple[str, str]] | None = None,
 ) -> list[Item]:
     """Every item of a job, validated; raises ``ValidationError`` naming the place and field of the
-    first bad one (nothing is enqueued)."""
+    first bad one (nothing is enqueued). ``adapters``: the job's default LoRA adapters; ``resolved_adapters``:
+    each adapter source's (source as workers read it, sha256), read by ``producer.adapters`` beforehand."""
     counter = TokenCounter(model)
     base = defaults.model_dump()
     items: list[Item] = []
@@ -50,9 +54,12 @@ def build_items(
         explicit_seed = overrides.pop("seed", None)
         if explicit_seed is not None:
             _check_seed_range(explicit_seed, count, where)
+        item_adapters = overrides.pop("adapters", adapters)
         values = {**base, **overrides}
         # The job's, the preset's or the environment's default policy as the item keeps it: canonical.
         values["cache"] = canonical_policy(values["cache"], where=where)
+        check_adapters(item_adapters, preset, where=where)
+        values["adapters"] = adapter_refs(item_adapters, resolved_adapters or {}, where=where)
         params = _params(values, where)
         validate_params(params, limits, where)
         check_policy(params.cache, preset, params.steps, where=where)

@@ -64,6 +64,10 @@ def submit(
         str | None,
         typer.Option(help="step caching for items without their own: none, magcache[:THRESHOLD], fbcache, taylorseer"),
     ] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", help="LoRA adapter SOURCE[@SCALE] for items without their own (repeatable, up to 4)"),
+    ] = None,
     job_id: Annotated[str | None, typer.Option(help="a stable id makes resubmission a no-op")] = None,
     resume: Annotated[str | None, typer.Option(help="re-enqueue the missing items of this job")] = None,
     wait: Annotated[bool, typer.Option(help="wait with a progress bar")] = False,
@@ -96,6 +100,7 @@ def submit(
                 guidance=guidance,
                 max_sequence_length=max_sequence_length,
                 cache=cache,
+                adapters=adapter or None,
                 webhook=webhook,
             )
             job_id = job.id

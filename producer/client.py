@@ -38,6 +38,7 @@ from fluxfleet.schema import Item, ItemFailure, ItemRecord, JobStatus, TaskPaylo
 from fluxfleet.settings import Settings
 from fluxfleet.storage import Storage, open_storage
 from fluxfleet.webhooks import check_webhook
+from producer.adapters import resolve_adapters
 from producer.batching import build_items, new_job_id, split_tasks
 from producer.inputs import PromptSpec, prompt_specs, submit_arguments
 from producer.stored import status_from_storage, stored_outcomes
@@ -91,6 +92,7 @@ class Client:
         ``params`` are job defaults: width, height, steps, guidance, max_sequence_length (also as
         diffusers' ``num_inference_steps`` and ``guidance_scale``); ``None`` keeps the preset's. An unknown
         keyword, a value that is not exactly a number of its kind, or no prompts raise ``ValidationError``.
+        ``adapters``: the items' default LoRA adapters (``fluxfleet.adapters``), e.g. ``"ink.safetensors@0.8"``.
         ``webhook``: an http(s) URL that gets one signed POST when the job ends (``fluxfleet.webhooks``).
         """
         if webhook is not None:
@@ -101,6 +103,7 @@ class Client:
         specs = _prompt_specs(prompts)
         chosen = self.preset(preset)
         model = chosen.model_source(self.settings)
+        job_adapters, adapters = resolve_adapters(specs, job_params, chosen, self.settings, lambda: self.storage)
         defaults = effective_defaults(chosen, self.settings).model_copy(update=job_params)
         items = build_items(
             specs,
@@ -110,6 +113,8 @@ class Client:
             limits=self.settings.limits,
             job_seed=seed,
             images_per_prompt=images_per_prompt,
+            adapters=job_adapters,
+            resolved_adapters=adapters,
         )
         self._check_limits(items)
         job_id = job_id or new_job_id()

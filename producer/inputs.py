@@ -27,6 +27,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from fluxfleet.adapters import parse_adapters
 from fluxfleet.caching import canonical_policy
 from fluxfleet.errors import InputFileError, ValidationError
 from fluxfleet.keys import check_job_id
@@ -42,12 +43,13 @@ OVERRIDE_FIELDS: dict[str, type] = {
     "max_sequence_length": int,
     "images_per_prompt": int,
     "cache": str,  # a step caching policy (fluxfleet.caching), kept in its canonical form
+    "adapters": tuple,  # LoRA adapters (fluxfleet.adapters): a tuple of AdapterSpec, read and hashed at submit
 }
 ALIASES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
 """diffusers' names for two fields, accepted in files, dicts and ``Client.submit`` keywords."""
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv")
-JOB_PARAMS = ("width", "height", "steps", "guidance", "max_sequence_length", "cache")
+JOB_PARAMS = ("width", "height", "steps", "guidance", "max_sequence_length", "cache", "adapters")
 """Job defaults ``Client.submit`` takes as keywords (with the ``ALIASES``)."""
 SUBMIT = "Client.submit"
 
@@ -88,7 +90,7 @@ def coerce_overrides(values: Mapping[Any, Any], where: str, noun: str = "field")
 
 
 _BY_TYPE: dict[type, Callable[..., Any]] = {int: as_int, float: as_float}
-FIELD_CONVERTERS: dict[str, Callable[..., Any]] = {"cache": canonical_policy}
+FIELD_CONVERTERS: dict[str, Callable[..., Any]] = {"cache": canonical_policy, "adapters": parse_adapters}
 """Fields that are not plain numbers, with the function that reads (or refuses) a written value:
 ``convert(value, where=..., field=...)``."""
 

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from fluxfleet.adapters import AdapterSpec
 from fluxfleet.caching import canonical_policy
 from fluxfleet.errors import InputFileError, ValidationError
 from fluxfleet.presets import load_preset
@@ -134,17 +135,69 @@ POLICY_TEXT = st.one_of(
 POLICY_VALUE = st.one_of(
     POLICY_TEXT, st.sampled_from([(None, UNSET), (1, REFUSED), (True, REFUSED), (["magcache"], REFUSED)])
 )
+# LoRA adapters: compact text 'source@scale; ...' anywhere, a list of {source, scale} objects as values.
+ADAPTER_SOURCE = st.from_regex(r"[A-Za-z0-9_./-]{1,20}\.safetensors", fullmatch=True)
+ADAPTER_LIST = st.lists(
+    st.tuples(ADAPTER_SOURCE, st.floats(-4, 4, allow_nan=False)), min_size=1, max_size=4, unique_by=lambda a: a[0]
+)
+ADAPTERS_TEXT = st.one_of(
+    ADAPTER_LIST.map(
+        lambda adapters: (
+            "; ".join(f"{source}@{scale!r}" for source, scale in adapters),
+            tuple(AdapterSpec(source, scale) for source, scale in adapters),
+        )
+    ),
+    st.sampled_from([("", UNSET), ("a.safetensors@5", REFUSED), ("a@x", REFUSED), ("a;b;c;d;e", REFUSED)]),
+)
+ADAPTERS_VALUE = st.one_of(
+    ADAPTER_LIST.map(
+        lambda adapters: (
+            [{"source": source, "scale": scale} for source, scale in adapters],
+            tuple(AdapterSpec(source, scale) for source, scale in adapters),
+        )
+    ),
+    ADAPTERS_TEXT,
+    st.sampled_from([(None, UNSET), (3, REFUSED), (True, REFUSED), ([{"source": 1}], REFUSED)]),
+)
+
+
+# Image-to-image sources are kept as written (stripped) or refused by scheme; items built without reading them
+# are refused (field 'image'). Strengths are 0 < s <= 1.
+IMAGE_TEXT = st.sampled_from(
+    [("cat.png", "cat.png"), (" https://example.com/a.png ", "https://example.com/a.png"), ("", UNSET),
+     ("s3://my-bucket/in/a.png", "s3://my-bucket/in/a.png"), ("file:///etc/passwd", REFUSED), ("ftp://h/a", REFUSED)]
+)  # fmt: skip
+IMAGE_VALUE = st.one_of(IMAGE_TEXT, st.sampled_from([(None, UNSET), (5, REFUSED), (["a.png"], REFUSED)]))
+STRENGTH = st.floats(min_value=0, max_value=1, exclude_min=True)
+STRENGTH_TEXT = st.one_of(
+    STRENGTH.map(lambda f: (repr(f), f)),
+    st.sampled_from([("", UNSET), ("0", REFUSED), ("1.5", REFUSED), ("-0.2", REFUSED), ("nan", REFUSED)]),
+)
+STRENGTH_VALUE = st.one_of(
+    STRENGTH.map(lambda f: (f, f)),
+    st.sampled_from([(1, 1.0), (None, UNSET), (0, REFUSED), (0.0, REFUSED), (True, REFUSED), (2, REFUSED)]),
+)
 
 
 def overrides(texts: bool) -> st.SearchStrategy[dict[str, tuple[Any, Any]]]:
     """A few override fields, each with a written value and what it must read as."""
     ints, floats = (INT_TEXT, FLOAT_TEXT) if texts else (INT_VALUE, FLOAT_VALUE)
-    by_type = {int: ints, float: floats, str: POLICY_TEXT if texts else POLICY_VALUE}
+    by_type = {
+        int: ints,
+        float: floats,
+        str: POLICY_TEXT if texts else POLICY_VALUE,
+        tuple: ADAPTERS_TEXT if texts else ADAPTERS_VALUE,
+    }
+    by_name = {"image": IMAGE_TEXT if texts else IMAGE_VALUE, "strength": STRENGTH_TEXT if texts else STRENGTH_VALUE}
     return st.dictionaries(
         st.sampled_from(sorted(OVERRIDE_FIELDS)),
         st.just(None),
         max_size=3,
-    ).flatmap(lambda chosen: st.fixed_dictionaries({name: by_type[OVERRIDE_FIELDS[name]] for name in chosen}))
+    ).flatmap(
+        lambda chosen: st.fixed_dictionaries(
+            {name: by_name[name] if name in by_name else by_type[OVERRIDE_FIELDS[name]] for name in chosen}
+        )
+    )
 
 
 ROWS_TEXT = st.lists(st.tuples(PROMPT, overrides(texts=True)), min_size=1, max_size=6)

@@ -20,6 +20,7 @@ import logging
 
 from fluxfleet.presets import Preset, effective_defaults
 from fluxfleet.settings import Settings
+from workers.pipeline.adapters import prepare_hotswap
 from workers.pipeline.backends import check_placement
 from workers.pipeline.compile import compile_transformer
 from workers.pipeline.footprint import record_after_load, record_generation_peak
@@ -64,6 +65,7 @@ def build_pipeline(preset: Preset, settings: Settings, warm: bool = False) -> Lo
     clock.mark("placement")
     speed = apply_levers(pipe, preset, device)
     clock.mark("speed")
+    prepare_hotswap(pipe, preset)  # before compiling: adapters then swap in without a recompile
     compile_transformer(pipe, preset)
     if compile_cache.wanted(preset):
         compile_cache.load_cache(preset, device, speed)

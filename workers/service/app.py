@@ -159,6 +159,7 @@ def watch_gpu_memory(limit_bytes: int, rss_limit_kib: int) -> None:
 def start_engine(settings: Settings, preset: Preset) -> Any:
     """Load, warm up and wrap the pipeline; runs in the process that owns the GPU."""
     from fluxfleet.errors import ModelLoadError
+    from workers.pipeline.adapters import worker_adapters
     from workers.pipeline.build import build_pipeline
     from workers.pipeline.unused_packages import keep_unused_backends_out
     from workers.service.faults import Faults, with_faults
@@ -173,13 +174,15 @@ def start_engine(settings: Settings, preset: Preset) -> Any:
         raise ModelLoadError(f"preset '{preset.name}': injected load failure (FLUXFLEET_TEST_FAULTS)")
     loaded = build_pipeline(preset, settings, warm=settings.worker.warmup)  # one warm-up per start
     observer.pipeline_ready(loaded)
+    storage = open_storage(settings.storage)
+    adapters = worker_adapters(loaded.pipe, settings, preset, storage)
     return Engine(
-        generate=with_faults(pipeline_generate(loaded, observer), faults),
+        generate=with_faults(pipeline_generate(loaded, observer, adapters), faults),
         observer=observer,
         preset=preset,
         model=loaded.model,
         settings=settings,
-        storage=open_storage(settings.storage),
+        storage=storage,
         jobs=JobStore.from_settings(settings.broker, patient=True),
         worker_name=worker_name(preset, settings.worker.gpu),
         gpu=settings.worker.gpu,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from fluxfleet.adapters import check_adapters
 from fluxfleet.caching import check_policy
 from fluxfleet.errors import ValidationError
 from fluxfleet.jobs import JobStore
@@ -57,6 +58,7 @@ class Admission:
                 )
             validate_params(item.params, self.settings.limits, where)
             check_policy(item.params.cache, self.preset, item.params.steps, where=where)
+            check_adapters(item.params.adapters, self.preset, where=where)
             validate_prompt(item.prompt, item.params.max_sequence_length, self.counter, where)
             expected = item_key(
                 model=self.model, preset=self.preset.name, prompt=item.prompt, seed=item.seed, params=item.params

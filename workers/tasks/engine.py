@@ -272,6 +272,10 @@ class Engine:
             images = self.generate(batch, lambda: self._should_stop(payload.job_id))
         except BaseException as e:
             self.jobs.end_items(payload.job_id, keys)  # the process survived this call
+            if isinstance(e, JobError):  # the batch's request cannot be served (an adapter file): its items fail
+                self._fail_all(payload, batch, str(e), "invalid")
+                outcome.failed += len(batch)
+                return []
             if not is_out_of_memory(e):
                 raise
             del e  # its traceback holds the failed call's tensors

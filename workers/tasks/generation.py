@@ -14,13 +14,16 @@ from typing import Any
 
 from fluxfleet.caching import parse_policy
 from fluxfleet.schema import Item
+from workers.pipeline.adapters import AdapterFailure, PipelineAdapters
 from workers.pipeline.generation import generate_images
 from workers.pipeline.loading import LoadedPipeline
 from workers.tasks.engine import STEPS_INFO, GenerateFn, Interrupted
 from workers.tasks.observer import Observer
 
 
-def pipeline_generate(loaded: LoadedPipeline, observer: Observer | None = None) -> GenerateFn:
+def pipeline_generate(
+    loaded: LoadedPipeline, observer: Observer | None = None, adapters: PipelineAdapters | None = None
+) -> GenerateFn:
     observer = observer or Observer()
     pipe = loaded.pipe
     from workers.speed.step_cache import find  # torch: imported where the pipeline is
@@ -42,6 +45,11 @@ def pipeline_generate(loaded: LoadedPipeline, observer: Observer | None = None) 
             if stage == "denoising":
                 observer.denoising_steps(params.steps * len(batch), seconds)
 
+        # The batch's LoRA adapters (one set per batch: tasks group items by it), or none.
+        if adapters is not None:
+            adapters.activate(params.adapters)
+        elif params.adapters:
+            raise AdapterFailure("this worker's pipeline was built without LoRA adapter support")
         policy = parse_policy(params.cache)
         with _policy_run(step_cache, policy, params.steps) as count:
             images = generate_images(
