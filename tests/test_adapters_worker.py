@@ -121,6 +121,40 @@ def test_adapters_change_the_image_and_never_leak_into_other_items(loaded: Any, 
     assert run(generate) == before
 
 
+def test_hot_swap_replaces_weights_without_new_compiled_graphs(
+    tiny_model_dir: Path, make_lora: Any, tmp_path: Path
+) -> None:
+    """A [compile] preset's worker: adapters swap into fixed slots. Checked with dynamo's eager backend (the graph
+    count is dynamo's, whatever compiles the graphs), so inductor on a GPU is not what runs here."""
+    from torch._dynamo.utils import counters
+
+    from fluxfleet.presets import CompileSpec, load_preset
+    from workers.pipeline.adapters import AdapterCache, PipelineAdapters, hotswap_wanted, prepare_hotswap
+    from workers.pipeline.build import build_pipeline
+    from workers.tasks.generation import pipeline_generate
+
+    settings = Settings(model_dir=tiny_model_dir, worker=WorkerSettings(device="cpu"))
+    tiny = load_preset("tiny", settings.presets_dir)
+    own = build_pipeline(tiny, settings)
+    compiled = tiny.model_copy(update={"compile": CompileSpec(enabled=True)})
+    assert hotswap_wanted(compiled) and not hotswap_wanted(tiny)
+    prepare_hotswap(own.pipe, compiled)
+    own.pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+    adapters = PipelineAdapters(own.pipe, AdapterCache(tmp_path / "cache", 2**30), 8, hotswap=True)
+    generate = pipeline_generate(own, adapters=adapters)
+    ink, brand, wide = ref(make_lora("ink", seed=1)), ref(make_lora("brand", seed=2)), ref(make_lora("r8", 3, 8))
+
+    before = run(generate)
+    with_ink = run(generate, ink)
+    run(generate, brand.model_copy(update={"scale": 0.5}))
+    graphs = counters["stats"]["unique_graphs"]
+    swapped = [run(generate, wide), run(generate, ink.model_copy(update={"scale": 0.3})), run(generate, brand)]
+    assert counters["stats"]["unique_graphs"] == graphs, "a swapped adapter compiled a new graph"
+    assert len(set(swapped)) == 3 and before not in swapped and list(adapters.loaded) == ["slot_0"]
+    assert run(generate, ink) == with_ink
+    assert run(generate) == before
+
+
 def test_the_file_cache_keeps_verified_files_and_evicts_the_least_recently_used_by_bytes(tmp_path: Path) -> None:
     from workers.pipeline.adapters import AdapterCache, AdapterFailure
 
