@@ -25,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import http.client
 import io
+import os
 import re
+import stat
 import time
 import urllib.error
 import urllib.request
@@ -200,13 +202,20 @@ def _too_large(source: str, limit: int, size: int | None = None) -> UnreadableIm
 def _read_local(source: str, limit: int) -> bytes:
     path = Path(source).expanduser()
     try:
-        with path.open("rb") as file:  # a directory or a missing file fails here
+        # Opened without blocking, then checked: a FIFO or a device (/dev/stdin) would wait or never end.
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(descriptor, "rb") as file:
+            kind = os.fstat(file.fileno()).st_mode
+            if stat.S_ISDIR(kind):
+                raise UnreadableImage(f"{shown(source)} is a directory, not an image file")
+            if not stat.S_ISREG(kind):
+                raise UnreadableImage(f"{shown(source)} is not a regular file")
             data = file.read(limit + 1)
     except FileNotFoundError:
         raise UnreadableImage(f"no such file: {shown(source)}") from None
     except IsADirectoryError:
         raise UnreadableImage(f"{shown(source)} is a directory, not an image file") from None
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
         raise UnreadableImage(f"cannot read {shown(source)}: {e.strerror or e}") from None
     if len(data) > limit:
         raise _too_large(source, limit)
