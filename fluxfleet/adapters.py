@@ -111,8 +111,8 @@ def _entry(entry: Any, refuse: Any) -> AdapterSpec:
             raise refuse(f"an adapter has the key(s) {', '.join(map(shown, unknown))}; known: source, scale")
         if "source" not in entry:
             raise refuse("an adapter needs a 'source'")
-        scale = entry.get("scale")
-        return AdapterSpec(check_source(entry["source"], refuse), check_scale(1.0 if scale is None else scale, refuse))
+        given = entry.get("scale")
+        return AdapterSpec(check_source(entry["source"], refuse), check_scale(1.0 if given is None else given, refuse))
     raise refuse(f"an adapter must be a {{source, scale}} object or a text 'file@scale', not {shown(entry)}")
 
 

@@ -179,6 +179,22 @@ def test_presets_that_cannot_run_lora_say_why() -> None:
         assert "not verified" in (preset_refusal(load_preset(name, PRESETS)) or ""), name
 
 
+def test_a_worker_refuses_what_a_message_claims_beyond_the_limits() -> None:
+    from fluxfleet.adapters import check_adapters
+    from fluxfleet.schema import AdapterRef
+
+    refs = [AdapterRef(source=f"/a{i}", sha256=f"{i}" * 64, scale=1.0) for i in range(5)]
+    for adapters, preset, why in [
+        (refs, TINY, "5 adapters"),
+        ([refs[0].model_copy(update={"scale": 7.5})], TINY, "outside -4..4"),
+        (refs[:1], load_preset("fast", PRESETS), "peft cannot wrap"),
+    ]:
+        with pytest.raises(ValidationError, match=why) as refused:
+            check_adapters(adapters, preset, where="p:1")
+        assert refused.value.field == "adapters"
+    check_adapters(refs[:4], TINY)
+
+
 # -- keys and grouping ----------------------------------------------------------------------------------------
 SHA_A, SHA_B = "a" * 64, "b" * 64
 RESOLVED = {"a.safetensors": ("/abs/a.safetensors", SHA_A), "b.safetensors": ("/abs/b.safetensors", SHA_B)}
@@ -192,7 +208,7 @@ def items_for(overrides: list[dict[str, Any]]) -> list[Any]:
 
 
 def test_keys_hash_each_adapters_content_and_scale_and_tasks_group_by_adapter_set() -> None:
-    written = [
+    written: list[dict[str, Any]] = [
         {"seed": 1},
         {"seed": 1, "adapters": ""},
         {"seed": 1, "adapters": "a.safetensors@0.8"},
@@ -298,3 +314,38 @@ def test_a_prompt_file_reads_adapters_as_specs(tmp_path: Path) -> None:
     specs = read_prompts(path)
     assert specs[1].overrides["adapters"] == (AdapterSpec("x.safetensors", 0.25),)
     assert specs[2].overrides["adapters"] == (AdapterSpec("y.safetensors", 1.0),)
+
+
+def test_the_command_line_takes_repeated_adapters_and_refuses_in_one_sentence(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(lora_bytes())
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a fox\n")
+    server = RedisServer(directory=tmp_path / "redis").start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXFLEET_")}
+        env |= {"FLUXFLEET_BROKER__URL": server.url, "FLUXFLEET_STORAGE__URL": f"file://{tmp_path / 'store'}"}
+        env |= {"FLUXFLEET_MODEL_DIR": str(tmp_path)}
+        for adapters, why in [
+            ([f"{good}@0.5", str(tmp_path / "gone.safetensors")], "no such file"),
+            ([f"{good}@0.5", f"{good}@2"], "given twice"),
+        ]:
+            flags = [arg for source in adapters for arg in ("--adapter", source)]
+            command = [sys.executable, "-m", "producer.cli", "submit", str(prompts), "--preset", "tiny", *flags]
+            proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+            (line,) = proc.stderr.strip().splitlines()
+            assert line.startswith("error: Client.submit: ") and why in line and line.endswith("(field 'adapters')")
+        assert keys_in_redis(server.url) == 0
+    finally:
+        server.stop()
+
+
+def keys_in_redis(url: str) -> int:
+    import redis
+
+    return int(redis.Redis.from_url(url).dbsize())
