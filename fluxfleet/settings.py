@@ -152,6 +152,15 @@ class LimitSettings(BaseModel):
     max_prompt_chars: int = Field(4000, gt=0, description="characters in one prompt")
     max_images_per_job: int = Field(100_000, gt=0, description="items in one job")
     max_payload_bytes: int = Field(4_000_000, gt=0, description="bytes of one task message's JSON body")
+    max_input_image_bytes: int = Field(
+        32 * 2**20, gt=0, description="bytes of one image-to-image input file, object or download"
+    )
+    max_input_image_pixels: int = Field(
+        4096 * 4096, gt=0, description="width x height of one image-to-image input, checked before it is decoded"
+    )
+    input_image_timeout_s: float = Field(
+        20.0, gt=0, allow_inf_nan=False, description="seconds one http(s) read of an input image may take in all"
+    )
 
 
 class GenerationDefaults(BaseModel):

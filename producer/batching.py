@@ -13,6 +13,7 @@ from pydantic import ValidationError as PydanticValidationError
 from fluxfleet.adapters import adapter_refs, check_adapters
 from fluxfleet.caching import canonical_policy, check_policy
 from fluxfleet.errors import ValidationError
+from fluxfleet.input_images import check_input_image, item_image_fields
 from fluxfleet.keys import derive_seed, item_key
 from fluxfleet.presets import Preset
 from fluxfleet.schema import SEED_LIMIT, GenerationParams, Item, TaskPayload
@@ -60,8 +61,10 @@ def build_items(
         values["cache"] = canonical_policy(values["cache"], where=where)
         check_adapters(item_adapters, preset, where=where)
         values["adapters"] = adapter_refs(item_adapters, resolved_adapters or {}, where=where)
+        values.update(item_image_fields(values, where))
         params = _params(values, where)
         validate_params(params, limits, where)
+        check_input_image(params, limits, where)
         check_policy(params.cache, preset, params.steps, where=where)
         validate_prompt(spec.prompt, params.max_sequence_length, counter, where)
         for image_index in range(count):

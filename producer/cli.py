@@ -68,6 +68,12 @@ def submit(
         list[str] | None,
         typer.Option("--adapter", help="LoRA adapter SOURCE[@SCALE] for items without their own (repeatable, up to 4)"),
     ] = None,
+    image: Annotated[
+        str | None, typer.Option(help="image-to-image input for items without their own: a path, s3:// or http(s) URL")
+    ] = None,
+    strength: Annotated[
+        float | None, typer.Option(help="image-to-image strength (0 < s <= 1) for items with an image; default 0.6")
+    ] = None,
     job_id: Annotated[str | None, typer.Option(help="a stable id makes resubmission a no-op")] = None,
     resume: Annotated[str | None, typer.Option(help="re-enqueue the missing items of this job")] = None,
     wait: Annotated[bool, typer.Option(help="wait with a progress bar")] = False,
@@ -100,6 +106,8 @@ def submit(
                 guidance=guidance,
                 max_sequence_length=max_sequence_length,
                 cache=cache,
+                image=image,
+                strength=strength,
                 adapters=adapter or None,
                 webhook=webhook,
             )

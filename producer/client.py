@@ -40,6 +40,7 @@ from fluxfleet.storage import Storage, open_storage
 from fluxfleet.webhooks import check_webhook
 from producer.adapters import resolve_adapters
 from producer.batching import build_items, new_job_id, split_tasks
+from producer.input_images import read_input_images
 from producer.inputs import PromptSpec, prompt_specs, submit_arguments
 from producer.stored import status_from_storage, stored_outcomes
 
@@ -100,7 +101,9 @@ class Client:
         seed, images_per_prompt, job_params = submit_arguments(
             preset=preset, job_id=job_id, seed=seed, images_per_prompt=images_per_prompt, params=params
         )
-        specs = _prompt_specs(prompts)
+        specs, job_params = read_input_images(
+            _prompt_specs(prompts), job_params, storage=lambda: self.storage, limits=self.settings.limits
+        )
         chosen = self.preset(preset)
         model = chosen.model_source(self.settings)
         job_adapters, adapters = resolve_adapters(specs, job_params, chosen, self.settings, lambda: self.storage)

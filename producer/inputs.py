@@ -30,6 +30,7 @@ from typing import Any
 from fluxfleet.adapters import parse_adapters
 from fluxfleet.caching import canonical_policy
 from fluxfleet.errors import InputFileError, ValidationError
+from fluxfleet.input_images import as_strength, parse_source
 from fluxfleet.keys import check_job_id
 from fluxfleet.schema import SEED_LIMIT
 from fluxfleet.validation import as_float, as_int, shown
@@ -44,12 +45,14 @@ OVERRIDE_FIELDS: dict[str, type] = {
     "images_per_prompt": int,
     "cache": str,  # a step caching policy (fluxfleet.caching), kept in its canonical form
     "adapters": tuple,  # LoRA adapters (fluxfleet.adapters): a tuple of AdapterSpec, read and hashed at submit
+    "image": str,  # an image-to-image input's source (fluxfleet.input_images), read and hashed at submit
+    "strength": float,  # image-to-image strength, 0 < strength <= 1
 }
 ALIASES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
 """diffusers' names for two fields, accepted in files, dicts and ``Client.submit`` keywords."""
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv")
-JOB_PARAMS = ("width", "height", "steps", "guidance", "max_sequence_length", "cache", "adapters")
+JOB_PARAMS = ("width", "height", "steps", "guidance", "max_sequence_length", "cache", "adapters", "image", "strength")
 """Job defaults ``Client.submit`` takes as keywords (with the ``ALIASES``)."""
 SUBMIT = "Client.submit"
 
@@ -90,7 +93,12 @@ def coerce_overrides(values: Mapping[Any, Any], where: str, noun: str = "field")
 
 
 _BY_TYPE: dict[type, Callable[..., Any]] = {int: as_int, float: as_float}
-FIELD_CONVERTERS: dict[str, Callable[..., Any]] = {"cache": canonical_policy, "adapters": parse_adapters}
+FIELD_CONVERTERS: dict[str, Callable[..., Any]] = {
+    "cache": canonical_policy,
+    "adapters": parse_adapters,
+    "image": parse_source,
+    "strength": as_strength,
+}
 """Fields that are not plain numbers, with the function that reads (or refuses) a written value:
 ``convert(value, where=..., field=...)``."""
 

@@ -38,8 +38,11 @@ def generate_images(
     max_sequence_length: int,
     on_step_end: StepHook | None = None,
     on_stage: StageHook | None = None,
+    image: list[Any] | None = None,
+    strength: float | None = None,
 ) -> list[Any]:
-    """PIL images of ``prompts`` (a task's prompts are encoded once, batched), one seed each."""
+    """PIL images of ``prompts`` (a task's prompts are encoded once, batched), one seed each. Image-to-image:
+    ``pipe`` is the img2img pipeline, ``image`` one input per prompt (of the output's size) and ``strength``."""
     import torch
 
     report = on_stage or (lambda _stage, _seconds: None)
@@ -69,6 +72,7 @@ def generate_images(
         generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
         callback_on_step_end=on_step_end,
         output_type="latent",
+        **({} if image is None else {"image": image, "strength": strength}),
     ).images
     _sync(device)
     report("denoising", time.perf_counter() - started)

@@ -177,7 +177,9 @@ def start_engine(settings: Settings, preset: Preset) -> Any:
     storage = open_storage(settings.storage)
     adapters = worker_adapters(loaded.pipe, settings, preset, storage)
     return Engine(
-        generate=with_faults(pipeline_generate(loaded, observer, adapters), faults),
+        generate=with_faults(
+            pipeline_generate(loaded, observer, adapters, storage=lambda: storage, limits=settings.limits), faults
+        ),
         observer=observer,
         preset=preset,
         model=loaded.model,

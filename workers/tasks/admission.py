@@ -11,6 +11,7 @@ import logging
 from fluxfleet.adapters import check_adapters
 from fluxfleet.caching import check_policy
 from fluxfleet.errors import ValidationError
+from fluxfleet.input_images import check_input_image
 from fluxfleet.jobs import JobStore
 from fluxfleet.keys import item_key
 from fluxfleet.presets import Preset
@@ -58,6 +59,7 @@ class Admission:
                 )
             validate_params(item.params, self.settings.limits, where)
             check_policy(item.params.cache, self.preset, item.params.steps, where=where)
+            check_input_image(item.params, limits, where)
             check_adapters(item.params.adapters, self.preset, where=where)
             validate_prompt(item.prompt, item.params.max_sequence_length, self.counter, where)
             expected = item_key(

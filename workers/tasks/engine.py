@@ -37,6 +37,7 @@ from fluxfleet.presets import Preset
 from fluxfleet.schema import Item, ItemRecord, TaskPayload, Timings
 from fluxfleet.settings import Settings
 from fluxfleet.storage import Storage
+from workers.pipeline.img2img import InputsRefused
 from workers.tasks.admission import Admission
 from workers.tasks.observer import Observer
 from workers.tasks.png import encode_png
@@ -272,6 +273,13 @@ class Engine:
             images = self.generate(batch, lambda: self._should_stop(payload.job_id))
         except BaseException as e:
             self.jobs.end_items(payload.job_id, keys)  # the process survived this call
+            if isinstance(e, InputsRefused):  # those items fail with the reason; the batch's others are generated
+                refused = [i for i in batch if i.index in e.reasons]
+                for item in refused:
+                    self._fail_all(payload, [item], e.reasons[item.index], "input")
+                outcome.failed += len(refused)
+                rest = [i for i in batch if i.index not in e.reasons]
+                return self._generate(payload, rest, outcome) if rest else []
             if isinstance(e, JobError):  # the batch's request cannot be served (an adapter file): its items fail
                 self._fail_all(payload, batch, str(e), "invalid")
                 outcome.failed += len(batch)

@@ -13,25 +13,42 @@ from collections.abc import Callable
 from typing import Any
 
 from fluxfleet.caching import parse_policy
+from fluxfleet.input_images import denoising_steps
 from fluxfleet.schema import Item
+from fluxfleet.settings import LimitSettings
 from workers.pipeline.adapters import AdapterFailure, PipelineAdapters
 from workers.pipeline.generation import generate_images
+from workers.pipeline.img2img import Img2Img, InputsRefused
 from workers.pipeline.loading import LoadedPipeline
 from workers.tasks.engine import STEPS_INFO, GenerateFn, Interrupted
 from workers.tasks.observer import Observer
 
 
 def pipeline_generate(
-    loaded: LoadedPipeline, observer: Observer | None = None, adapters: PipelineAdapters | None = None
+    loaded: LoadedPipeline,
+    observer: Observer | None = None,
+    adapters: PipelineAdapters | None = None,
+    *,
+    storage: Callable[[], Any] | None = None,
+    limits: LimitSettings | None = None,
 ) -> GenerateFn:
+    """``storage()``: the worker's storage, where image-to-image inputs given as s3:// are read."""
     observer = observer or Observer()
     pipe = loaded.pipe
+    img2img = Img2Img(pipe, storage, limits or LimitSettings())
     from workers.speed.step_cache import find  # torch: imported where the pipeline is
 
     step_cache = find(pipe.transformer)
 
     def generate(batch: list[Item], should_stop: Callable[[], bool]) -> list[Any]:
         params = batch[0].params
+        inputs = None
+        if params.image is not None:
+            inputs, refused = img2img.inputs(batch)
+            if refused:
+                raise InputsRefused(refused)
+        # Image-to-image runs the last part of the schedule only: that many steps are denoised and cached.
+        steps = params.steps if params.strength is None else denoising_steps(params.steps, params.strength)
 
         def on_step_end(_pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             # Checked between denoising steps: a cancelled job or a stopping worker ends the call
@@ -43,7 +60,7 @@ def pipeline_generate(
         def on_stage(stage: str, seconds: float) -> None:
             observer.stage(stage, seconds, len(batch))
             if stage == "denoising":
-                observer.denoising_steps(params.steps * len(batch), seconds)
+                observer.denoising_steps(steps * len(batch), seconds)
 
         # The batch's LoRA adapters (one set per batch: tasks group items by it), or none.
         if adapters is not None:
@@ -51,9 +68,9 @@ def pipeline_generate(
         elif params.adapters:
             raise AdapterFailure("this worker's pipeline was built without LoRA adapter support")
         policy = parse_policy(params.cache)
-        with _policy_run(step_cache, policy, params.steps) as count:
+        with _policy_run(step_cache, policy, steps) as count:
             images = generate_images(
-                pipe,
+                pipe if inputs is None else img2img.pipeline(),
                 loaded.device,
                 [item.prompt for item in batch],
                 [item.seed for item in batch],
@@ -64,6 +81,8 @@ def pipeline_generate(
                 max_sequence_length=params.max_sequence_length,
                 on_step_end=on_step_end,
                 on_stage=on_stage,
+                image=inputs,
+                strength=params.strength,
             )
         observer.generation_memory()
         if count.reused:

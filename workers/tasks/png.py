@@ -27,6 +27,8 @@ def parameters_text(item: Item, preset: str, model: str) -> str:
         text += f", Cache: {p.cache}"
     for adapter in p.adapters:  # by content, as the key hashes them; the source is in the manifest
         text += f", LoRA: {adapter.sha256[:12]}@{adapter.scale!r}"
+    if p.image is not None:  # by content, as the key hashes it; the source is in the manifest
+        text += f", Init image: {p.image.sha256[:12]}, Strength: {p.strength!r}"
     if "\x00" in text:
         field = "prompt" if "\x00" in item.prompt else "model"
         raise ValidationError("a NUL character cannot be stored in a PNG text chunk", where=item.source, field=field)
