@@ -42,6 +42,11 @@ LoRA on bitsandbytes, torchao, quanto and GGUF layers, but none of them runs in 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 DOWN = re.compile(r"(?:lora_A|lora_down|lora\.down|lora_linear_layer\.down|_lora\d?\.down)(?:\.[\w]+)?\.weight$")
 UP = re.compile(r"(?:lora_B|lora_up|lora\.up|lora_linear_layer\.up|_lora\d?\.up)(?:\.[\w]+)?\.weight$")
+FLUX_MODULES = re.compile(
+    r"transformer_blocks|double_blocks|single_blocks|x_embedder|context_embedder|proj_out|norm_out|time_text_embed"
+    r"|img_in|txt_in|final_layer|time_in|vector_in|guidance_in"
+)
+"""Module names of FLUX's transformer, as diffusers and the original (kohya, XLabs) checkpoints write them."""
 SCALARS = re.compile(r"(?:\.alpha|\.lora_B\.bias|lora_up\.bias|\.dora_scale|lora_magnitude_vector(?:\.\w+)?)$")
 TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te", "te_", "te1_", "te2_", "text_model")
 DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16", "I8", "U8", "BOOL"})
@@ -189,6 +194,7 @@ def read_header(file: IO[bytes], size: int) -> AdapterHeader:
     ranks: list[int] = []
     ups = 0
     full: list[str] = []
+    foreign: list[str] = []  # LoRA weights for modules FLUX does not have (an SDXL LoRA's down_blocks, say)
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -198,14 +204,19 @@ def read_header(file: IO[bytes], size: int) -> AdapterHeader:
         if DOWN.search(name):
             if len(shape) < 2:
                 raise AdapterFileError(f"LoRA weight {shown(name)} has shape {shape}, not a matrix")
+            if not FLUX_MODULES.search(name):
+                foreign.append(name)
+                continue
             ranks.append(shape[0])
         elif UP.search(name):
             ups += 1
         elif not SCALARS.search(name):
             full.append(name)
     if not ranks or not ups:
+        other = f"; its LoRA weights name other modules, such as {shown(foreign[0])}" if foreign else ""
         raise AdapterFileError(
-            "no LoRA weights for the FLUX transformer (keys with lora_A/lora_B, lora_down/lora_up or lora.down/up)"
+            "no LoRA weights for the FLUX transformer (keys with lora_A/lora_B, lora_down/lora_up or lora.down/up"
+            f" on FLUX's blocks){other}"
         )
     if full:
         # diffusers would copy such a weight (a norm layer's, say) into the transformer itself, where disabling

@@ -50,7 +50,10 @@ def safetensors_bytes(tensors: dict[str, tuple[str, list[int]]], metadata: dict[
     return struct.pack("<Q", len(raw)) + raw + bytes(offset)
 
 
-LORA = {"transformer.x.lora_A.weight": ("F32", [4, 8]), "transformer.x.lora_B.weight": ("F32", [8, 4])}
+LORA = {
+    "transformer.proj_out.lora_A.weight": ("F32", [4, 8]),
+    "transformer.proj_out.lora_B.weight": ("F32", [8, 4]),
+}
 
 
 def lora_bytes(rank: int = 4, prefix: str = "transformer.transformer_blocks.0.attn.to_q") -> bytes:
@@ -139,6 +142,10 @@ def test_header_gives_the_largest_rank_of_every_key_style() -> None:
         (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
         (safetensors_bytes({"transformer.x.weight": ("F32", [4, 4])}), "no LoRA weights for the FLUX transformer"),
         (lora_bytes(prefix="text_encoder.text_model.encoder.layers.0.q_proj"), "no LoRA weights"),
+        (
+            lora_bytes(prefix="lora_unet_down_blocks_0_attentions_0_proj_in"),
+            "name other modules, such as 'lora_unet_down",
+        ),
         (lora_bytes()[:-8], "lies outside the file"),
         (
             safetensors_bytes({**LORA, "transformer.transformer_blocks.0.attn.norm_q.weight": ("F32", [8])}),

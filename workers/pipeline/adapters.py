@@ -193,7 +193,10 @@ class PipelineAdapters:
 
         self.touched = True
         try:
-            state = load_file(path)
+            try:
+                state = load_file(path)
+            except FileNotFoundError:  # another worker on this host evicted it just now: fetch it again
+                state = load_file(self.cache.path(ref))
             self.pipe.load_lora_weights(state, adapter_name=name, hotswap=hotswap)
             self._check_base_untouched(ref)
         except AdapterFailure:
