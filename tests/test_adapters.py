@@ -316,6 +316,33 @@ def test_every_bad_adapter_is_refused_at_submit_with_its_line_and_field(submitte
     assert (error.where, error.field) == (f"{csv_file}:3", "adapters") and "outside -4..4" in str(error)
 
 
+def test_s3_adapters_are_read_and_hashed_through_the_jobs_storage(s3_endpoint: str, s3_bucket: str) -> None:
+    import hashlib
+
+    from fluxfleet.storage import open_storage
+    from producer.adapters import resolve_adapters
+
+    settings = Settings(storage=StorageSettings(url=f"s3://{s3_bucket}/fleet", endpoint_url=s3_endpoint))
+    storage = open_storage(settings.storage)
+    data = lora_bytes(rank=16)
+    storage.put("loras/ink.safetensors", data, "application/octet-stream")
+    storage.put("loras/notes.safetensors", b"just text, no header here", "application/octet-stream")
+    source = f"s3://{s3_bucket}/fleet/loras/ink.safetensors"
+    specs = [PromptSpec("a", {"adapters": f"{source}@0.5"}, "p.jsonl:1")]
+    job_adapters, resolved = resolve_adapters(specs, {}, TINY, settings, lambda: storage)
+    assert job_adapters == () and resolved == {source: (source, hashlib.sha256(data).hexdigest())}
+    for name, why in [("gone", "no such object in the job's storage"), ("notes", "not a safetensors file")]:
+        bad = [PromptSpec("a", {"adapters": source.replace("ink", name)}, "p.jsonl:2")]
+        with pytest.raises(ValidationError, match=why) as refused:
+            resolve_adapters(bad, {}, TINY, settings, lambda: storage)
+        assert (refused.value.where, refused.value.field) == ("p.jsonl:2", "adapters")
+    with pytest.raises(ValidationError, match="not in the job's bucket") as refused:
+        resolve_adapters(
+            [], {"adapters": parse_adapters("s3://elsewhere/fleet/x.safetensors")}, TINY, settings, lambda: storage
+        )
+    assert refused.value.where == "Client.submit"
+
+
 def test_a_prompt_file_reads_adapters_as_specs(tmp_path: Path) -> None:
     path = jsonl(tmp_path / "p.jsonl", "x.safetensors@0.25", [{"source": "y.safetensors"}])
     specs = read_prompts(path)
