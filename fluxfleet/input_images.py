@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+from fluxfleet.caching import parse_policy
 from fluxfleet.errors import JobError, StorageError, ValidationError
 from fluxfleet.schema import InputImageRef
 from fluxfleet.settings import LimitSettings
@@ -49,6 +50,9 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 """The formats Pillow may decode an input as; others (EPS runs Ghostscript, for one) are refused."""
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters at least: "C:" is a drive, not a scheme
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+HOOK_POLICIES = ("fbcache", "taylorseer")
+"""Cache policies that run as diffusers hooks: they need the ``cache_context`` FluxPipeline opens around each
+transformer call, which FluxImg2ImgPipeline (diffusers 0.42.1) does not; MagCache runs without hooks."""
 PILLOW_HINT = "image-to-image needs Pillow, which is not installed. Run `pip install 'fluxfleet[img2img]'`"
 
 
@@ -143,6 +147,14 @@ def check_input_image(params: Any, limits: LimitSettings, where: str = "") -> No
             f"{1 / params.steps:.4g}",
             where=where,
             field="strength",
+        )
+    policy = parse_policy(params.cache, where=where)
+    if policy.name in HOOK_POLICIES:
+        raise ValidationError(
+            f"cache policy {policy.name} cannot run on image-to-image items: diffusers' img2img pipeline gives its "
+            "hooks no cache context; use magcache or none",
+            where=where,
+            field="cache",
         )
     image = params.image
     if not 0 < image.width * image.height <= limits.max_input_image_pixels:

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from fluxfleet.caching import parse_policy, schedule
 from fluxfleet.errors import ValidationError
 from fluxfleet.input_images import as_strength, default_size, denoising_steps, parse_source, source_kind
 from fluxfleet.keys import manifest_key
@@ -136,6 +137,7 @@ def refusal_cases(tmp_path: Path, server: ImageServer) -> dict[str, tuple[Any, s
     (tmp_path / "text.png").write_bytes(b"just some text, not an image")
     (tmp_path / "large.png").write_bytes(bomb_png(5000, 5000))
     os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "ok.png").write_bytes(solid_png(64, 64))
     (tmp_path / "bomb.png").write_bytes(bomb_png(50_000, 50_000))
     (tmp_path / "big.png").write_bytes(png_bytes(64, 64))
     return {
@@ -164,6 +166,11 @@ def refusal_cases(tmp_path: Path, server: ImageServer) -> dict[str, tuple[Any, s
         "a server that never finishes": ({"image": server.serve("/slow", SLOW)}, "image", "took over 1 s"),
         "s3 without s3 storage": ({"image": "s3://some-bucket/cat.png"}, "image", "the job's storage is not"),
         "strength without image": ({"strength": 0.5}, "strength", "without an image"),
+        "a hook cache policy": (
+            {"image": str(tmp_path / "ok.png"), "cache": "fbcache"},
+            "cache",
+            "cannot run on image-to-image items",
+        ),
         "strength 0": ({"image": str(tmp_path / "big.png"), "strength": 0}, "strength", "strength 0 would keep"),
         "strength over 1": ({"image": str(tmp_path / "big.png"), "strength": 1.5}, "strength", "outside 0..1"),
     }
@@ -173,7 +180,7 @@ CASES = [
     "missing file", "a directory", "a named pipe", "not an image", "too many pixels", "a bomb's header",
     "over the byte limit", "file url", "ftp url", "404", "http non-image", "huge declared body",
     "huge undeclared body", "redirect to file://", "a server that never finishes", "s3 without s3 storage",
-    "strength without image", "strength 0", "strength over 1",
+    "strength without image", "a hook cache policy", "strength 0", "strength over 1",
 ]  # fmt: skip
 
 
@@ -516,3 +523,39 @@ def test_the_command_line_takes_image_and_strength_and_refuses_in_one_sentence(
     # The job's image and strength for the line without its own, the line's own for the other: two tasks.
     assert sorted(item.params.strength for task in tasks for item in task.items) == [0.4, 0.9]
     assert {(i.params.width, i.params.height) for t in tasks for i in t.items} == {(96, 64)}
+
+
+def test_a_cache_policy_runs_the_img2img_steps(loaded: Any, tmp_path: Path) -> None:
+    from workers.tasks.generation import pipeline_generate
+
+    (tmp_path / "a.png").write_bytes(png_bytes(64, 64, 1))
+    (item,) = img2img_items(tmp_path, ["a.png"], 0.5, steps=24)
+    policy = parse_policy("magcache:threshold=0.5")
+    cached = item.model_copy(update={"params": item.params.model_copy(update={"cache": policy.canonical()})})
+    (image,) = pipeline_generate(loaded, limits=LIMITS)([cached], lambda: False)
+    # Half of 24 steps run, and MagCache's schedule is the one for those 12.
+    plan = schedule(policy, 12) or []
+    assert image.info["fluxfleet_steps"] == (sum(plan), 12 - sum(plan)) and sum(plan) < 12
+
+
+def test_a_producer_without_pillow_names_the_extra(tmp_path: Path) -> None:
+    from tests.conftest import run_python
+
+    (tmp_path / "a.png").write_bytes(png_bytes(64, 64, 1))
+    code = (
+        "import sys; sys.modules['PIL'] = None\n"
+        "from fluxfleet.errors import ValidationError\n"
+        "from fluxfleet.settings import LimitSettings\n"
+        "from producer.input_images import read_input_images\n"
+        "from producer.inputs import PromptSpec\n"
+        "try:\n"
+        "    read_input_images([PromptSpec('a', {'image': sys.argv[1]}, 'p.csv:2')], {}, storage=None, "
+        "limits=LimitSettings())\n"
+        "except ValidationError as e:\n"
+        "    print(e)\n"
+    )
+    last = run_python(code, str(tmp_path / "a.png"))
+    assert last == (
+        "p.csv:2: image-to-image needs Pillow, which is not installed. Run `pip install 'fluxfleet[img2img]'` "
+        "(field 'image')"
+    )
