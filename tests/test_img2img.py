@@ -375,14 +375,21 @@ def test_the_smallest_strength_returns_the_input_as_the_vae_sees_it(tiny_model_d
     assert low_error < 0.1 * high_error, (low_error, high_error)
 
 
-def test_the_img2img_pipeline_is_built_once_from_the_loaded_components(loaded: Any) -> None:
+def test_the_img2img_pipeline_is_built_once_from_the_loaded_components(loaded: Any, tiny_model_dir: Path) -> None:
+    import torch
+    from diffusers import FluxPipeline
+
     from workers.pipeline.img2img import Img2Img
 
     img2img = Img2Img(loaded.pipe, None, LIMITS)
     first = img2img.pipeline()
     assert img2img.pipeline() is first
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler"):
         assert getattr(first, name) is getattr(loaded.pipe, name), name
+    # The shared modules keep their dtype (diffusers' from_pipe would cast them to float32 in place).
+    bf16 = FluxPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16)
+    Img2Img(bf16, None, LIMITS).pipeline()
+    assert {bf16.transformer.dtype, bf16.vae.dtype, bf16.text_encoder_2.dtype} == {torch.bfloat16}
 
 
 def test_png_parameters_name_the_input_by_content_and_the_strength(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """Image-to-image on a loaded pipeline: FLUX's img2img pipeline over the same components, and the inputs.
 
-``FluxImg2ImgPipeline.from_pipe`` shares every module of the text-to-image pipeline (no second copy of the
-weights, and the speed levers, step cache and compiled transformer apply to both); it is built on the first
-image-to-image batch a worker serves and kept. Inputs are read again here, as the producer read them
+FluxImg2ImgPipeline is built from the text-to-image pipeline's components and shares every module (no second
+copy of the weights, and the speed levers, step cache and compiled transformer apply to both); it is built on
+the first image-to-image batch a worker serves and kept. Inputs are read again here, as the producer read them
 (``fluxfleet.input_images``), and must still have the content hashed at submit: an input changed or gone since
 then fails its item with the reason, and the batch's other items are generated.
 """
@@ -45,7 +45,10 @@ class Img2Img:
         if self._pipeline is None:
             from diffusers import FluxImg2ImgPipeline
 
-            self._pipeline = FluxImg2ImgPipeline.from_pipe(self.pipe)
+            # What ``from_pipe`` does, less its last step: diffusers 0.42.1's ``from_pipe`` ends with
+            # ``.to(dtype=float32)`` unless given one dtype, which would cast the shared modules of a bf16 or
+            # quantized pipeline in place.
+            self._pipeline = FluxImg2ImgPipeline(**self.pipe.components)
             self._pipeline.set_progress_bar_config(disable=True)
             logger.info("image-to-image pipeline built from the loaded components")
         return self._pipeline
