@@ -281,6 +281,8 @@ def check_adapters(adapters: Iterable[Any], preset: Any, *, where: str = "") -> 
         raise refuse(f"{len(adapters)} adapters, over the limit of {MAX_ADAPTERS} per item")
     for adapter in adapters:
         check_scale(adapter.scale, refuse)
+    if all(hasattr(adapter, "sha256") for adapter in adapters):
+        _check_distinct(adapters, where)
     refusal = preset_refusal(preset)
     if refusal:
         raise refuse(refusal)
@@ -302,7 +304,16 @@ def adapter_refs(
             raise _refuser(where)(f"adapter {shown(adapter.source)} was not read at submit (producer.adapters)")
         source, sha256 = resolved[adapter.source]
         refs.append(AdapterRef(source=source, sha256=sha256, scale=adapter.scale))
+    _check_distinct(refs, where)
     return tuple(refs)
+
+
+def _check_distinct(refs: list[Any], where: str) -> None:
+    digests = [ref.sha256 for ref in refs]
+    for ref in refs:
+        if digests.count(ref.sha256) > 1:
+            twins = " and ".join(shown(r.source) for r in refs if r.sha256 == ref.sha256)
+            raise _refuser(where)(f"adapters {twins} are the same file; give it once with the summed scale")
 
 
 def check_rank(header: AdapterHeader, source: str, max_rank: int, *, where: str = "") -> None:

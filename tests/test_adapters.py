@@ -230,6 +230,17 @@ def test_keys_hash_each_adapters_content_and_scale_and_tasks_group_by_adapter_se
     assert items[2].params.adapters[0].model_dump() == {"source": "/abs/a.safetensors", "sha256": SHA_A, "scale": 0.8}
     groups = [sorted(i.index for i in t.items) for t in split_tasks(items, job_id="j", preset=TINY, model="m")]
     assert sorted(groups) == [[0, 1], [2, 6], [3], [4], [5]]
+    # One content under two names (a copy): refused, as the same source twice is.
+    with pytest.raises(ValidationError, match="are the same file") as refused:
+        build_items(
+            [PromptSpec("a fox", {"adapters": "a.safetensors@0.5; copy.safetensors"}, "p:9")],
+            preset=TINY,
+            model="m",
+            defaults=DEFAULTS,
+            limits=LimitSettings(),
+            resolved_adapters={**RESOLVED, "copy.safetensors": ("/abs/copy.safetensors", SHA_A)},
+        )
+    assert (refused.value.where, refused.value.field) == ("p:9", "adapters")
 
 
 def test_the_job_default_applies_to_items_without_their_own() -> None:

@@ -157,8 +157,14 @@ class PipelineAdapters:
         else:
             wanted = {ref.sha256 for ref, _ in active}
             names = [self._by_name(ref, path, wanted) for ref, path in active]
-        self.pipe.enable_lora()
-        self.pipe.set_adapters(names, [ref.scale for ref, _ in active])
+        try:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(names, [ref.scale for ref, _ in active])
+        except Exception as e:
+            self._disable()
+            raise AdapterFailure(
+                f"adapters {', '.join(r.source for r, _ in active)} cannot be set: {_first_line(e)}"
+            ) from e
 
     def _disable(self) -> None:
         if not self.touched:
@@ -206,6 +212,8 @@ class PipelineAdapters:
             # the pipeline as it was.
             self._delete(name)
             self._disable()
+            if type(e).__name__ == "OutOfMemoryError":
+                raise  # the engine's own handling: free memory, smaller batches, then the item fails
             raise AdapterFailure(f"adapter {ref.source} cannot be loaded: {_first_line(e)}") from e
         self.loaded[name] = ref.sha256
         logger.info("loaded adapter %s (%s) as %s%s", ref.source, ref.sha256[:12], name, " (hot-swap)" * hotswap)
