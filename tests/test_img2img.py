@@ -566,3 +566,40 @@ def test_a_producer_without_pillow_names_the_extra(tmp_path: Path) -> None:
         "p.csv:2: image-to-image needs Pillow, which is not installed. Run `pip install 'fluxfleet[img2img]'` "
         "(field 'image')"
     )
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_img2img_replays_the_captured_graph_of_a_bf16_gpu_pipeline(tmp_path: Path) -> None:
+    import torch
+
+    from fluxfleet.presets import Preset
+    from fluxfleet.settings import WorkerSettings
+    from workers.pipeline.build import build_pipeline
+    from workers.tasks.generation import pipeline_generate
+    from workers.tools.tiny_model import build_tiny_pipeline
+
+    # Given the tiny pipeline on the GPU in bf16 with the cuda_graph lever (its warm-up captures the graph),
+    preset = Preset.model_validate(
+        {
+            "name": "graphed",
+            "model": "unused",
+            "dtype": "bfloat16",
+            "placement": {"policy": "gpu"},
+            "speed": {"cuda_graph": True},
+            "warmup": {"steps": 2, "shapes": [[64, 64]]},
+        }
+    )
+    settings = Settings(model_dir=build_tiny_pipeline(tmp_path / "model"), worker=WorkerSettings(device="cuda"))
+    loaded = build_pipeline(preset, settings)
+    graphed = loaded.pipe.transformer.forward
+    generate = pipeline_generate(loaded, limits=LIMITS)
+    (tmp_path / "a.png").write_bytes(png_bytes(64, 64, 1))
+    (text,) = items_of([PromptSpec("a red cat", {"steps": 8, "seed": 3}, "p:1")])
+    before_t2i = np.asarray(generate([text], lambda: False)[0])
+    replays = graphed.replays
+    # when an image-to-image item runs half of 8 steps,
+    images = generate(img2img_items(tmp_path, ["a.png"], 0.5), lambda: False)
+    # then each of the 4 steps replays the graph, the shared modules stay bf16, and text-to-image is unchanged.
+    assert graphed.replays - replays == 4 and [i.size for i in images] == [(64, 64)]
+    assert {loaded.pipe.transformer.dtype, loaded.pipe.vae.dtype, loaded.pipe.text_encoder_2.dtype} == {torch.bfloat16}
+    assert np.array_equal(np.asarray(generate([text], lambda: False)[0]), before_t2i)
