@@ -121,6 +121,31 @@ def test_adapters_change_the_image_and_never_leak_into_other_items(loaded: Any, 
     assert run(generate) == before
 
 
+def test_an_image_to_image_item_takes_its_adapters_too(loaded: Any, make_lora: Any, tmp_path: Path) -> None:
+    from fluxfleet.schema import InputImageRef
+    from tests.imagekit import png_bytes
+    from workers.pipeline.adapters import AdapterCache, PipelineAdapters
+    from workers.tasks.generation import pipeline_generate
+
+    source = tmp_path / "street.png"
+    source.write_bytes(png_bytes(64, 64, 1))
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    image = InputImageRef(source=str(source), sha256=digest, width=64, height=64)
+    adapters = PipelineAdapters(loaded.pipe, AdapterCache(tmp_path / "cache", 2**30), max_loaded=4)
+    generate = pipeline_generate(loaded, adapters=adapters)
+
+    def restyle(*refs: AdapterRef) -> bytes:
+        params = GenerationParams(
+            width=64, height=64, steps=4, guidance=3.5, max_sequence_length=64, image=image, strength=0.6, adapters=refs
+        )
+        (out,) = generate([Item(index=0, prompt="a woodcut", seed=3, params=params, key="0" * 40)], lambda: False)
+        return bytes(out.tobytes())
+
+    plain = restyle()
+    styled = restyle(ref(make_lora("woodcut", seed=31)))
+    assert styled != plain and restyle() == plain
+
+
 def test_hot_swap_replaces_weights_without_new_compiled_graphs(
     tiny_model_dir: Path, make_lora: Any, tmp_path: Path
 ) -> None:

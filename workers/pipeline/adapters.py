@@ -140,7 +140,8 @@ class PipelineAdapters:
         # Hot-swap keeps MAX_ADAPTERS slots (the compiled graph's shape); otherwise one name per adapter.
         self.max_loaded = MAX_ADAPTERS if hotswap else max(max_loaded, MAX_ADAPTERS)
         self.loaded: OrderedDict[str, str] = OrderedDict()  # name -> sha256, least recently used first
-        self.touched = False  # whether the pipeline ever had an adapter (LoRA layers to disable)
+        # Whether the pipeline ever had an adapter (LoRA layers to disable).
+        self.touched = bool(getattr(getattr(pipe, "transformer", None), "peft_config", None))
 
     def activate(self, adapters: Sequence[AdapterRef]) -> None:
         """Make the next pipeline call run with exactly ``adapters`` at their scales (none: the base model).
