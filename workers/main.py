@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.service.app import build_app, runtime
     from workers.service.identity import worker_name
     from workers.service.metrics import setup_metrics
+    from workers.service.pool import FleetTaskPool
 
     try:
         settings = Settings().with_overrides(worker__gpu=args.gpu, worker__metrics_port=args.metrics_port)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app = build_app(settings, preset)
         worker = app.Worker(
-            pool="prefork",
+            pool=FleetTaskPool,  # prefork, replacing a pool child lost before Redis first answers
             concurrency=1,
             queues=[queue_name(preset.name)],
             hostname=worker_name(preset, settings.worker.gpu),

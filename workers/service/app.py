@@ -31,6 +31,7 @@ from fluxfleet.settings import Settings
 from fluxfleet.storage import open_storage
 from workers.service.identity import worker_name
 from workers.service.metrics import retry_reason
+from workers.service.requeue import retry_or_requeue
 from workers.service.timeouts import request_class
 from workers.service.transport import FleetTransport
 
@@ -269,7 +270,7 @@ def build_app(settings: Settings, preset: Preset, engine_factory: Any = start_en
                 "task %s: %s; retry %d of %d in %g s", task.task_id, error, retries + 1, retry.TASK_RETRIES, countdown
             )
             runtime.engine.observer.task_retry(retry_reason(error))
-            raise self.retry(exc=error, countdown=countdown, max_retries=retry.TASK_RETRIES) from e
+            retry_or_requeue(self, error, countdown, retry.TASK_RETRIES)  # never returns
         except Exception as e:
             # A fault nobody planned for (a library bug, a CUDA error): the items still get an outcome,
             # or the job would wait for them forever.
