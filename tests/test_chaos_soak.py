@@ -41,7 +41,7 @@ def test_small_chaos_soak_loses_nothing(tmp_path: Path, tiny_model_dir: Path) ->
         # The plan's last fault comes by 57 s (0.95 of the window), and the slowest recovery it plans is a
         # task in flight when Redis restarts (by 42 s): unacknowledged, Redis delivers it again after the
         # 30 s visibility timeout, so every job ends by about 80 s. On a 2-core machine the wall time was
-        # 56-63 s, alone or beside 2-4 busy loops taking most of the CPU: it follows the fault plan and the
+        # 53-63 s, alone or beside 2-4 busy loops taking most of the CPU: it follows the fault plan and the
         # visibility timeout, not the CPU. A run that reaches this bound has lost a task, not run slowly.
         max_duration_s=150,
         seed=7,
