@@ -56,11 +56,12 @@ def resolve_adapters(
     for where, adapters in _written(specs, job_adapters):
         for adapter in adapters:
             first_use.setdefault(adapter.source, where)
+    refusal = preset_refusal(preset)
+    if refusal and first_use:
+        # Refused before any file is read, naming the first item that asks for an adapter.
+        raise ValidationError(refusal, where=next(iter(first_use.values())), field=FIELD)
     resolved: Resolved = {}
     for source, where in first_use.items():
-        refusal = preset_refusal(preset)
-        if refusal:
-            raise ValidationError(refusal, where=where, field=FIELD)
         try:
             resolved[source], header = _read(source, storage, max_bytes)
         except AdapterFileError as e:
