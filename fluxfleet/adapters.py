@@ -80,9 +80,7 @@ def parse_adapters(value: Any, *, where: str = "", field: str = FIELD) -> tuple[
     """``value`` (compact text, a list of ``{source, scale}`` dicts, texts or ``AdapterSpec``) as adapters, or
     ``ValidationError`` naming ``where`` and ``field``; an empty text or list means no adapters."""
 
-    def refuse(why: str) -> ValidationError:
-        return ValidationError(why, where=where, field=field)
-
+    refuse = _refuser(where, field)
     if isinstance(value, str):
         entries: list[Any] = [part for part in value.split(";") if part.strip()]
     elif isinstance(value, AdapterSpec | Mapping):
@@ -139,11 +137,6 @@ def check_scale(value: Any, refuse: Any) -> float:
     if not math.isfinite(scale) or not -MAX_SCALE <= scale <= MAX_SCALE:
         raise refuse(f"adapter scale {shown(value)} is outside {-MAX_SCALE:g}..{MAX_SCALE:g}")
     return scale + 0.0  # -0.0 is 0.0: one scale, one key
-
-
-def compact(adapters: Iterable[Any]) -> str:
-    """The compact text of adapters (specs or refs): ``source@scale; ...``."""
-    return "; ".join(f"{a.source}@{a.scale!r}" for a in adapters)
 
 
 # -- where a source lives ---------------------------------------------------------------------------------
@@ -323,5 +316,5 @@ def check_rank(header: AdapterHeader, source: str, max_rank: int, *, where: str 
         )
 
 
-def _refuser(where: str) -> Any:
-    return lambda why: ValidationError(why, where=where, field=FIELD)
+def _refuser(where: str, field: str = FIELD) -> Any:
+    return lambda why: ValidationError(why, where=where, field=field)
