@@ -65,9 +65,8 @@ class AdapterSpec:
 
 @dataclass(frozen=True)
 class AdapterHeader:
-    """What a LoRA file's header says: its LoRA weights and the largest rank among them."""
+    """What a LoRA file's header says: the largest rank among its LoRA weights."""
 
-    lora_keys: int
     rank: int
 
 
@@ -217,7 +216,7 @@ def read_header(file: IO[bytes], size: int) -> AdapterHeader:
         raise AdapterFileError(
             f"holds {shown(full[0])}, a full weight rather than a LoRA matrix; it would overwrite the base model"
         )
-    return AdapterHeader(lora_keys=len(ranks) + ups, rank=max(ranks))
+    return AdapterHeader(rank=max(ranks))
 
 
 def _check_tensor(name: str, entry: Any, data_bytes: int) -> list[int]:
