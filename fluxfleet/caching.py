@@ -145,13 +145,9 @@ def parse_policy(value: Any, *, where: str = "", field: str = "cache") -> CacheP
         if key in given:
             raise refuse(f"{name} option {key!r} is given twice")
         given[key] = _option_value(spec.options[key], raw.strip(), f"{name} {key}", refuse)
-    values = tuple((key, given.get(key, option.default)) for key, option in spec.options.items())
-    values = tuple((key, option_kind(spec, key)(v)) for key, v in values)
-    return CachePolicy(name, values)
-
-
-def option_kind(spec: PolicySpec, key: str) -> type:
-    return spec.options[key].kind
+    return CachePolicy(
+        name, tuple((key, option.kind(given.get(key, option.default))) for key, option in spec.options.items())
+    )
 
 
 def _option_value(option: Option, raw: str, label: str, refuse: Any) -> float:
@@ -188,7 +184,7 @@ def preset_refusal(policy: CachePolicy, preset: Any) -> str | None:
     )
 
 
-def check_policy(canonical: str, preset: Any, steps: int, *, where: str = "") -> CachePolicy:
+def check_policy(canonical: str, preset: Any, *, where: str = "") -> CachePolicy:
     """The canonical ``canonical`` policy, refused when ``preset`` cannot run it."""
     policy = parse_policy(canonical, where=where)
     if policy.canonical() != canonical:

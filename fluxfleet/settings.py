@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from fluxfleet.caching import canonical_policy
+from fluxfleet.caching import parse_policy
 from fluxfleet.errors import ConfigurationError, ValidationError
 from fluxfleet.redaction import redact_url
 
@@ -178,7 +178,7 @@ class GenerationDefaults(BaseModel):
     def _a_cache_policy(cls, value: str) -> str:
         # Checked here, kept as written (a setting keeps its text); items carry the canonical form.
         try:
-            canonical_policy(value)
+            parse_policy(value)
             return value
         except ValidationError as e:
             raise ValueError(e.args[0] if e.args else str(e)) from None

@@ -65,7 +65,7 @@ def build_items(
         params = _params(values, where)
         validate_params(params, limits, where)
         check_input_image(params, limits, where)
-        check_policy(params.cache, preset, params.steps, where=where)
+        check_policy(params.cache, preset, where=where)
         validate_prompt(spec.prompt, params.max_sequence_length, counter, where)
         for image_index in range(count):
             if explicit_seed is not None:

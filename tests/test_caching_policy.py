@@ -43,8 +43,8 @@ def test_the_flux_ratios_are_diffusers_own() -> None:
 
 
 def test_magcache_schedules_at_the_published_step_counts() -> None:
-    # 14 of 28 steps computed at the defaults, 12 of 28 at threshold 0.12 with K=4 (diffusers' hook measured
-    # the same counts on an H200); the first retained steps are always computed.
+    # 14 of 28 steps computed at the defaults, 12 of 28 at threshold 0.12 with K=4 (the step counts the H200
+    # run recorded, benchmarks/results/2026-12-02-H200-step-cache.json); the first retained steps are always computed.
     default = magcache_schedule(28, 0.06, 3, 0.2)
     assert sum(default) == 14 and all(default[:6])
     assert sum(magcache_schedule(28, 0.12, 4, 0.2)) == 12

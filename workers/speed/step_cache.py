@@ -38,8 +38,6 @@ class StepCount:
 
     computed: int = 0
     reused: int = 0
-    counted: bool = True
-    """False where a policy decides on the GPU and the count is not known (FirstBlockCache's hook state absent)."""
 
 
 class StepCache:
@@ -89,7 +87,7 @@ class StepCache:
             self.plan = None
             self.mode = "off"
             if hooked:
-                self._finish_hooks(policy, plan, steps)
+                self._finish_hooks(plan, steps)
 
     def _enable_hooks(self, policy: CachePolicy) -> None:
         from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
@@ -122,7 +120,8 @@ class StepCache:
 
         head._should_compute_remaining_blocks = counted
 
-    def _finish_hooks(self, policy: CachePolicy, plan: list[bool] | None, steps: int) -> None:
+    def _finish_hooks(self, plan: list[bool] | None, steps: int) -> None:
+        # TaylorSeer's count is its schedule; FirstBlockCache's was counted as it decided.
         if plan is not None:
             self.count.computed, self.count.reused = sum(plan), steps - sum(plan)
         self.module.disable_cache()  # type: ignore[operator]

@@ -58,7 +58,7 @@ class Admission:
                     field="prompt",
                 )
             validate_params(item.params, self.settings.limits, where)
-            check_policy(item.params.cache, self.preset, item.params.steps, where=where)
+            check_policy(item.params.cache, self.preset, where=where)
             check_input_image(item.params, limits, where)
             check_adapters(item.params.adapters, self.preset, where=where)
             validate_prompt(item.prompt, item.params.max_sequence_length, self.counter, where)

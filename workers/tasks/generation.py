@@ -88,7 +88,7 @@ def pipeline_generate(
         if count.reused:
             observer.steps_reused(count.reused * len(batch))
         for image in images:
-            image.info[STEPS_INFO] = (count.computed, count.reused) if count.counted else None
+            image.info[STEPS_INFO] = (count.computed, count.reused)
         return images
 
     return generate
