@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fluxfleet.errors import ConfigurationError
-from fluxfleet.presets import load_preset
+from fluxfleet.presets import Preset, load_preset
 from tests.test_fp8_fusion import tiny_transformer, transformer_inputs
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -39,24 +39,28 @@ def test_the_pipelines_own_call_is_one_a_graph_can_replay() -> None:
     assert GraphedForward.signature({"hidden_states": torch.zeros(1)}) is None
 
 
-@NEEDS_CUDA
-def test_graphed_pipeline_replays_its_transformer_at_every_step(tmp_path: Path) -> None:
-    from fluxfleet.presets import Preset
-    from fluxfleet.settings import Settings, WorkerSettings
-    from workers.pipeline.build import build_pipeline
-    from workers.tools.tiny_model import build_tiny_pipeline
-
-    # Given the tiny pipeline on the GPU with the cuda_graph lever (its warm-up captures the graph),
-    preset = Preset.model_validate(
+def tiny_gpu_preset(cuda_graph: bool = True) -> Preset:
+    """The tiny pipeline's preset on one GPU, warmed up at 64x64 (where the graph is captured)."""
+    return Preset.model_validate(
         {
             "name": "graphed",
             "model": "unused",
             "dtype": "float32",
             "placement": {"policy": "gpu"},
-            "speed": {"cuda_graph": True},
+            "speed": {"cuda_graph": cuda_graph},
             "warmup": {"steps": 2, "shapes": [[64, 64]]},
         }
     )
+
+
+@NEEDS_CUDA
+def test_graphed_pipeline_replays_its_transformer_at_every_step(tmp_path: Path) -> None:
+    from fluxfleet.settings import Settings, WorkerSettings
+    from workers.pipeline.build import build_pipeline
+    from workers.tools.tiny_model import build_tiny_pipeline
+
+    # Given the tiny pipeline on the GPU with the cuda_graph lever (its warm-up captures the graph),
+    preset = tiny_gpu_preset()
     settings = Settings(model_dir=build_tiny_pipeline(tmp_path), worker=WorkerSettings(device="cuda"))
     loaded = build_pipeline(preset, settings)
     graphed = loaded.pipe.transformer.forward
@@ -121,7 +125,6 @@ def test_a_forward_that_cannot_be_captured_runs_without_a_graph(caplog: pytest.L
 @NEEDS_CUDA
 def test_magcache_under_the_graph_is_magcache_without_it(tmp_path: Path) -> None:
     from fluxfleet.caching import parse_policy
-    from fluxfleet.presets import Preset
     from fluxfleet.settings import Settings, WorkerSettings
     from workers.pipeline.build import build_pipeline
     from workers.speed.step_cache import find
@@ -131,18 +134,8 @@ def test_magcache_under_the_graph_is_magcache_without_it(tmp_path: Path) -> None
     model_dir = build_tiny_pipeline(tmp_path)
 
     def build(graph: bool) -> object:
-        preset = Preset.model_validate(
-            {
-                "name": "graphed",
-                "model": "unused",
-                "dtype": "float32",
-                "placement": {"policy": "gpu"},
-                "speed": {"cuda_graph": graph},
-                "warmup": {"steps": 2, "shapes": [[64, 64]]},
-            }
-        )
         settings = Settings(model_dir=model_dir, worker=WorkerSettings(device="cuda"))
-        return build_pipeline(preset, settings).pipe
+        return build_pipeline(tiny_gpu_preset(graph), settings).pipe
 
     def latents(pipe: object) -> torch.Tensor:
         with find(pipe.transformer).run(parse_policy("magcache"), 12) as count:  # type: ignore[attr-defined]
