@@ -55,20 +55,22 @@ class Img2Img:
 
     def inputs(self, batch: list[Item]) -> tuple[list[Any], dict[int, str]]:
         """(each item's input as an RGB image of the item's size, {item index: why its input cannot be used}).
-        A source is read once per batch; a transient storage error is raised for the task to retry."""
+        A source is read and resized once per batch; a transient storage error is raised for the task to retry."""
         images: list[Any] = []
         refused: dict[int, str] = {}
-        read: dict[tuple[str, str], Any] = {}
+        prepared: dict[tuple[str, str, int, int], Any] = {}
         for item in batch:
-            ref = item.params.image
+            ref, width, height = item.params.image, item.params.width, item.params.height
             assert ref is not None, "an image-to-image batch holds only items with an image"
-            if (ref.source, ref.sha256) not in read:
-                read[(ref.source, ref.sha256)] = self._read(ref.source, ref.sha256)
-            decoded = read[(ref.source, ref.sha256)]
-            if isinstance(decoded, str):
-                refused[item.index] = decoded
-                continue
-            images.append(_resized(decoded, item.params.width, item.params.height))
+            key = (ref.source, ref.sha256, width, height)
+            if key not in prepared:
+                decoded = self._read(ref.source, ref.sha256)
+                prepared[key] = decoded if isinstance(decoded, str) else _resized(decoded, width, height)
+            image = prepared[key]
+            if isinstance(image, str):
+                refused[item.index] = image
+            else:
+                images.append(image)
         return images, refused
 
     def _read(self, source: str, sha256: str) -> Any:
