@@ -88,20 +88,12 @@ def _read_all(
     first_named: dict[str, str] = {}
     for where, source in wanted:
         first_named.setdefault(source, where)
-    opened: list[Any] = []
-
-    def job_storage() -> Any:
-        # One storage client for every thread, opened by the first s3:// source.
-        if not opened:
-            opened.append(storage())
-        return opened[0]
-
-    if any(source_kind(source) == "s3" for source in first_named):
-        job_storage()
+    # One storage client for every thread, opened before they start and only when a source is s3://.
+    job_storage = storage() if any(source_kind(source) == "s3" for source in first_named) else None
 
     def read(source: str) -> InputImageRef | UnreadableImage:
         try:
-            return input_ref(source, read_source(source, storage=job_storage, limits=limits), limits)
+            return input_ref(source, read_source(source, storage=lambda: job_storage, limits=limits), limits)
         except UnreadableImage as e:
             return e
 
