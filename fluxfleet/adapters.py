@@ -264,7 +264,8 @@ def preset_refusal(preset: Any) -> str | None:
 
 
 def check_adapters(adapters: Iterable[Any], preset: Any, *, where: str = "") -> None:
-    """Refuse adapters (specs or refs) the preset cannot run: too many, a bad scale, or a preset without LoRA."""
+    """Refuse an item's ``AdapterRef``s: too many, a bad scale, one file twice, or a preset without LoRA. The
+    producer checks each item with it as it builds it, and the worker's admission each item it receives."""
     adapters = list(adapters)
     if not adapters:
         return
@@ -273,8 +274,7 @@ def check_adapters(adapters: Iterable[Any], preset: Any, *, where: str = "") -> 
         raise refuse(f"{len(adapters)} adapters, over the limit of {MAX_ADAPTERS} per item")
     for adapter in adapters:
         check_scale(adapter.scale, refuse)
-    if all(hasattr(adapter, "sha256") for adapter in adapters):
-        _check_distinct(adapters, where)
+    _check_distinct(adapters, where)
     refusal = preset_refusal(preset)
     if refusal:
         raise refuse(refusal)
@@ -296,7 +296,6 @@ def adapter_refs(
             raise _refuser(where)(f"adapter {shown(adapter.source)} was not read at submit (producer.adapters)")
         source, sha256 = resolved[adapter.source]
         refs.append(AdapterRef(source=source, sha256=sha256, scale=adapter.scale))
-    _check_distinct(refs, where)
     return tuple(refs)
 
 

@@ -59,8 +59,8 @@ def build_items(
         values = {**base, **overrides}
         # The job's, the preset's or the environment's default policy as the item keeps it: canonical.
         values["cache"] = canonical_policy(values["cache"], where=where)
-        check_adapters(item_adapters, preset, where=where)
         values["adapters"] = adapter_refs(item_adapters, resolved_adapters or {}, where=where)
+        check_adapters(values["adapters"], preset, where=where)
         values.update(item_image_fields(values, where))
         params = _params(values, where)
         validate_params(params, limits, where)
