@@ -115,12 +115,16 @@ KERNEL_COLUMNS: list[Column] = [
     col("TB/s", "effective_TBps", 2),
     RUN,
 ]
-STEP_CACHE_COLUMNS: list[Column] = [
+STEP_CACHE_CONFIG: list[Column] = [
     ("preset", lambda r: r["preset"]),
     ("cache policy", lambda r: fmt(r["cache"])),
     ("GPU", lambda r: r["device"]),
     ("resolution", lambda r: fmt(r["resolution"])),
     col("steps", "steps"),
+]
+"""What a step-cache row measured: the same first columns in process and through a worker."""
+STEP_CACHE_COLUMNS: list[Column] = [
+    *STEP_CACHE_CONFIG,
     col("s/image", "s_per_image"),
     col("images/hour", "images_per_hour", 1),
     col("× uncached", "speedup_vs_uncached", 2),
@@ -132,11 +136,7 @@ STEP_CACHE_COLUMNS: list[Column] = [
     RUN,
 ]
 STEP_CACHE_WORKER_COLUMNS: list[Column] = [
-    ("preset", lambda r: r["preset"]),
-    ("cache policy", lambda r: fmt(r["cache"])),
-    ("GPU", lambda r: r["device"]),
-    ("resolution", lambda r: fmt(r["resolution"])),
-    col("steps", "steps"),
+    *STEP_CACHE_CONFIG,
     col("images", "images"),
     ("steps computed per image", lambda r: ", ".join(map(fmt, r["steps_computed"] or [None]))),
     col("ready s", "worker_ready_s"),

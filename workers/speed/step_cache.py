@@ -185,7 +185,7 @@ class StepCache:
             # Allocated outside any graph capture (the graph wrapper's warm-up runs come first), so the
             # full and reuse graphs share one fixed address.
             residual = self.residuals[key] = torch.empty_like(hidden)
-        residual.copy_(hidden - embedded)
+        torch.sub(hidden, embedded, out=residual)  # in place: no temporary of the residual's size
         return hidden
 
 
