@@ -38,8 +38,6 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from pydantic import SecretStr
-
 from fluxfleet.errors import ValidationError
 from fluxfleet.jobs import JobStore
 from fluxfleet.keys import manifest_key
@@ -130,10 +128,15 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def signing_key(settings: WebhookSettings) -> str:
+    """``FLUXFLEET_WEBHOOK__SECRET``'s value; empty when it is not set."""
+    return settings.secret.get_secret_value() if settings.secret is not None else ""
+
+
 def check_webhook(url: object, settings: WebhookSettings) -> str:
     """``check_webhook_url``, and refuse a webhook that could not be signed (no secret set)."""
     checked = check_webhook_url(url)
-    if settings.secret is None or not settings.secret.get_secret_value():
+    if not signing_key(settings):
         raise ValidationError(
             "a job with a webhook needs FLUXFLEET_WEBHOOK__SECRET, the key its notification is signed with; "
             "set it here and on the workers",
@@ -228,7 +231,8 @@ class Dispatcher:
     process generating: a slow receiver never holds up an image)."""
 
     def __init__(self, jobs: JobStore, settings: WebhookSettings, storage: Storage) -> None:
-        if settings.secret is None:
+        self.secret = signing_key(settings)
+        if not self.secret:
             raise ValueError("a dispatcher needs a secret to sign with")
         self.jobs = jobs
         self.settings = settings
@@ -270,8 +274,7 @@ class Dispatcher:
             return
         attempts = int(record.get("attempts") or 0) + 1
         body = payload(status, self.storage.location(manifest))
-        secret = cast(SecretStr, self.settings.secret).get_secret_value()
-        attempt = post(url, body, secret, self.settings.timeout_s)
+        attempt = post(url, body, self.secret, self.settings.timeout_s)
         now = time.time()
         result = {"attempts": attempts, "last_status": attempt.status or "", "last_error": attempt.error}
         if attempt.delivered:
@@ -332,7 +335,7 @@ class Dispatcher:
 def start_dispatcher(settings: Settings) -> Dispatcher | None:
     """Start delivering webhooks from this process; None (and a log line) when no secret is set, since an
     unsigned notification is never sent: the jobs wait for a worker that has one."""
-    if settings.webhook.secret is None or not settings.webhook.secret.get_secret_value():
+    if not signing_key(settings.webhook):
         logger.info("this worker sends no webhooks: FLUXFLEET_WEBHOOK__SECRET is not set")
         return None
     jobs = JobStore.from_settings(settings.broker)
