@@ -3,7 +3,7 @@
 Usage::
 
     url = check_webhook("https://hooks.example.com/fluxfleet", settings.webhook)  # at submit
-    dispatcher = start_dispatcher(settings)                                    # in a worker's main process
+    dispatcher = start_dispatcher(settings, jobs, storage)                     # in a worker's main process
     describe_delivery(delivery_summary(jobs, job_id))  # 'webhook: delivered after 3 attempts'
 
 The job's completion (``JobStore.finish_if_complete``) queues its id in ``<prefix>:webhooks``, a sorted set
@@ -44,7 +44,7 @@ from fluxfleet.keys import manifest_key
 from fluxfleet.redaction import redact
 from fluxfleet.schema import JobStatus
 from fluxfleet.settings import Settings, WebhookSettings
-from fluxfleet.storage import Storage, open_storage
+from fluxfleet.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -332,14 +332,14 @@ class Dispatcher:
             self._thread.join(self.lease_s if timeout_s is None else timeout_s)
 
 
-def start_dispatcher(settings: Settings) -> Dispatcher | None:
-    """Start delivering webhooks from this process; None (and a log line) when no secret is set, since an
-    unsigned notification is never sent: the jobs wait for a worker that has one."""
+def start_dispatcher(settings: Settings, jobs: JobStore, storage: Storage) -> Dispatcher | None:
+    """Start delivering webhooks from this process, through the worker's own ``jobs`` and ``storage``; None
+    (and a log line) when no secret is set, since an unsigned notification is never sent: the jobs wait for a
+    worker that has one."""
     if not signing_key(settings.webhook):
         logger.info("this worker sends no webhooks: FLUXFLEET_WEBHOOK__SECRET is not set")
         return None
-    jobs = JobStore.from_settings(settings.broker)
-    return Dispatcher(jobs, settings.webhook, open_storage(settings.storage)).start()
+    return Dispatcher(jobs, settings.webhook, storage).start()
 
 
 # -- reporting ---------------------------------------------------------------------------------------------

@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         check_time_limits(settings)
         preset = load_preset(args.preset, settings.presets_dir)
         check_model_source(preset.model_source(settings))
-        open_storage(settings.storage).check()
-        JobStore.from_settings(settings.broker).ping()
+        storage = open_storage(settings.storage)
+        storage.check()
+        jobs = JobStore.from_settings(settings.broker)
+        jobs.ping()
         setup_metrics(settings, preset)  # before Celery forks: the endpoint lives in this parent
     except FluxfleetError as e:
         logger.error("worker refuses to start: %s", e)
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime.failure_file = failure
     # Completion webhooks go out from this parent, never from the child generating: a slow receiver never
     # holds up an image, and a recycled child never cuts a delivery short.
-    webhooks = start_dispatcher(settings)
+    webhooks = start_dispatcher(settings, jobs, storage)
     try:
         app = build_app(settings, preset)
         worker = app.Worker(
