@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from fluxfleet.errors import FluxfleetError
+from fluxfleet.input_images import DEFAULT_STRENGTH
 from fluxfleet.settings import Settings
 from fluxfleet.webhooks import delivery_summary, describe_delivery
 from producer.cli_common import _fail, _plain, app, console, err
@@ -72,7 +73,8 @@ def submit(
         str | None, typer.Option(help="image-to-image input for items without their own: a path, s3:// or http(s) URL")
     ] = None,
     strength: Annotated[
-        float | None, typer.Option(help="image-to-image strength (0 < s <= 1) for items with an image; default 0.6")
+        float | None,
+        typer.Option(help=f"image-to-image strength (0 < s <= 1) for items with an image; default {DEFAULT_STRENGTH}"),
     ] = None,
     job_id: Annotated[str | None, typer.Option(help="a stable id makes resubmission a no-op")] = None,
     resume: Annotated[str | None, typer.Option(help="re-enqueue the missing items of this job")] = None,
