@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.soak.services import DROP, FORWARD, SLOW_DOWN, Decision, FaultProxy
 from fluxfleet.keys import image_key, manifest_key, record_key
 from fluxfleet.settings import Settings
 from fluxfleet.storage import Storage, open_storage
@@ -158,72 +159,26 @@ def stored_images(storage: Storage) -> list[str]:
     return sorted(k for k in storage.list("images/") if k.endswith(".png"))
 
 
-class StorageProxy:
-    """An HTTP proxy in front of the S3 server that can fail requests: ``mode`` is 'ok', '503'
-    (SlowDown), 'slow' (``delay`` seconds before forwarding) or 'down' (connection closed, unanswered).
-    Faults apply to PUT and HEAD requests under ``images/``; successful image PUTs are counted by key."""
+class StorageProxy(FaultProxy):
+    """A proxy in front of the S3 server that can fail requests: ``mode`` is 'ok', '503' (SlowDown),
+    'slow' (``delay`` seconds before forwarding) or 'down' (connection closed, unanswered). Faults apply
+    to PUT and HEAD requests under ``images/``; ``stored`` counts successful image PUTs by key."""
 
     def __init__(self, upstream: str) -> None:
-        import http.client
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        from urllib.parse import urlsplit
-
         self.mode = "ok"
         self.delay = 0.0
         self.failed = 0
-        self.stored: dict[str, int] = {}
-        lock = threading.Lock()
-        target = urlsplit(upstream)
-        proxy = self
+        super().__init__(upstream, self._decide)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    @property
+    def stored(self) -> dict[str, int]:
+        return self.image_puts
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                faulty = self.command in ("PUT", "HEAD") and "/images/" in self.path
-                if faulty and proxy.mode == "down":
-                    proxy.failed += 1
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                if faulty and proxy.mode == "503":
-                    proxy.failed += 1
-                    payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                    self.send_response(503)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload if self.command != "HEAD" else b"")
-                    return
-                if faulty and proxy.mode == "slow":
-                    time.sleep(proxy.delay)
-                upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-                upstream_conn.request(self.command, self.path, body=body, headers=headers)
-                response = upstream_conn.getresponse()
-                data = response.read()
-                if self.command == "PUT" and response.status == 200 and "/images/" in self.path:
-                    with lock:
-                        proxy.stored[self.path] = proxy.stored.get(self.path, 0) + 1
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("connection", "transfer-encoding", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                upstream_conn.close()
-
-            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
+    def _decide(self, method: str, path: str) -> Decision:
+        if method not in ("PUT", "HEAD") or "/images/" not in path or self.mode == "ok":
+            return FORWARD
+        if self.mode == "slow":
+            time.sleep(self.delay)
+            return FORWARD
+        self.failed += 1
+        return DROP if self.mode == "down" else SLOW_DOWN

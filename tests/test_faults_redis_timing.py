@@ -12,19 +12,16 @@ retry. Neither may stop the worker or lose the task.
 
 from __future__ import annotations
 
-import http.client
 import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import redis
 
+from benchmarks.soak.services import FORWARD, SLOW_DOWN, Decision, FaultProxy
 from producer.stack import RedisServer, WorkerProcess
 from tests.conftest import s3_env
 from tests.faultkit import (
@@ -39,8 +36,6 @@ from tests.faultkit import (
 )
 
 pytestmark = pytest.mark.faults
-
-SLOWDOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
 
 
 def pings(client: redis.Redis) -> int:
@@ -94,7 +89,7 @@ def test_pool_child_lost_before_the_first_broker_connection_is_replaced(tmp_path
         assert worker.stop() == 0
 
 
-class FailingUploads:
+class FailingUploads(FaultProxy):
     """A proxy in front of the S3 server that holds the first image upload until ``release`` and then
     answers 503 SlowDown to every image upload until ``recover``; everything else is forwarded."""
 
@@ -102,47 +97,15 @@ class FailingUploads:
         self.first_upload = threading.Event()
         self._released = threading.Event()
         self.failing = True
-        target = urlsplit(upstream)
-        proxy = self
+        super().__init__(upstream, self._decide)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.command == "PUT" and "/images/" in self.path and proxy.failing:
-                    if not proxy.first_upload.is_set():
-                        proxy.first_upload.set()
-                        proxy._released.wait(60)
-                    self.send_response(503)
-                    self.send_header("Content-Length", str(len(SLOWDOWN)))
-                    self.end_headers()
-                    self.wfile.write(SLOWDOWN)
-                    return
-                upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-                upstream_conn.request(self.command, self.path, body=body, headers=headers)
-                response = upstream_conn.getresponse()
-                data = response.read()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("connection", "transfer-encoding", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                upstream_conn.close()
-
-            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _decide(self, method: str, path: str) -> Decision:
+        if method != "PUT" or "/images/" not in path or not self.failing:
+            return FORWARD
+        if not self.first_upload.is_set():
+            self.first_upload.set()
+            self._released.wait(60)
+        return SLOW_DOWN
 
     def release(self) -> None:
         self._released.set()
@@ -152,8 +115,7 @@ class FailingUploads:
 
     def close(self) -> None:
         self._released.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 @pytest.fixture

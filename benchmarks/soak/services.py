@@ -1,5 +1,6 @@
 """Real services the soak runs against: moto's S3 server that can go down, a loopback proxy in front of
-it that answers 503 SlowDown to a share of requests during a burst, and a small tmpfs that can be filled."""
+it that answers 503 SlowDown to a share of requests during a burst, and a small tmpfs that can be filled.
+The fault tests inject their storage faults through the same ``FaultProxy``."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ import http.client
 import logging
 import os
 import random
+import socket
 import subprocess
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 SLOWDOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
 
@@ -47,18 +53,33 @@ class S3Server:
             server._server.server_close()
 
 
-class ChaosProxy:
-    """An HTTP proxy on loopback in front of ``upstream``. During a burst (``burst_share`` > 0) it answers
-    that share of requests with 503 SlowDown; when the upstream refuses connections it closes the client's
-    connection unanswered, as a dead endpoint would. Successful image PUTs are counted per key."""
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP response the proxy sends: the upstream's, or a canned one given instead of forwarding."""
 
-    def __init__(self, upstream_port: int, seed: int = 0) -> None:
-        self.burst_share = 0.0
-        self.answered_503 = 0
+    status: int
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+FORWARD = "forward"
+DROP = "drop"  # close the client's connection unanswered, as a dead endpoint would
+SLOW_DOWN = Answer(503, SLOWDOWN)
+Decision = Literal["forward", "drop"] | Answer
+# Called on the request's own thread with its method and path; it may block to hold the request.
+Decide = Callable[[str, str], Decision]
+
+
+class FaultProxy:
+    """An HTTP proxy on loopback in front of the S3 server at ``upstream``. ``decide`` chooses, per request,
+    to forward it, drop it or answer it with a canned response. A request the upstream cannot take
+    (connection refused) is dropped and counted; successful image PUTs are counted per key."""
+
+    def __init__(self, upstream: str, decide: Decide) -> None:
         self.dropped = 0
         self.image_puts: dict[str, int] = {}
-        self._random = random.Random(seed)
         self._lock = threading.Lock()
+        self._upstream = urlsplit(upstream)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -67,57 +88,70 @@ class ChaosProxy:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def _forward(self) -> None:
+            def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if proxy._throttle():
-                    self.send_response(503)
-                    self.send_header("Content-Length", str(len(SLOWDOWN)))
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(SLOWDOWN)
-                    return
-                upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-                    upstream.request(self.command, self.path, body=body, headers=headers)
-                    response = upstream.getresponse()
-                    data = response.read()
-                except OSError:
-                    with proxy._lock:
-                        proxy.dropped += 1
+                decision = decide(self.command, self.path)
+                if decision == FORWARD:
+                    decision = proxy._forward(self.command, self.path, body, self.headers)
+                if decision == DROP:
                     self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                finally:
-                    upstream.close()
-                if self.command == "PUT" and response.status == 200 and "/images/" in self.path:
-                    with proxy._lock:
-                        proxy.image_puts[self.path] = proxy.image_puts.get(self.path, 0) + 1
-                self.send_response(response.status)
-                for key, value in response.getheaders():
+                assert isinstance(decision, Answer), decision
+                self.send_response(decision.status)
+                for key, value in decision.headers:
                     if key.lower() not in ("connection", "transfer-encoding", "content-length"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Length", str(len(decision.body)))
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(data)
+                    self.wfile.write(decision.body)
 
-            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _handle
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def _throttle(self) -> bool:
-        with self._lock:
-            if self.burst_share and self._random.random() < self.burst_share:
-                self.answered_503 += 1
-                return True
-            return False
+    def _forward(self, method: str, path: str, body: bytes, headers: Message) -> Answer | Literal["drop"]:
+        upstream = http.client.HTTPConnection(self._upstream.hostname, self._upstream.port, timeout=30)
+        try:
+            sent = {k: v for k, v in headers.items() if k.lower() != "connection"}
+            upstream.request(method, path, body=body, headers=sent)
+            response = upstream.getresponse()
+            answer = Answer(response.status, response.read(), response.getheaders())
+        except OSError:
+            with self._lock:
+                self.dropped += 1
+            return DROP
+        finally:
+            upstream.close()
+        if method == "PUT" and answer.status == 200 and "/images/" in path:
+            with self._lock:
+                self.image_puts[path] = self.image_puts.get(path, 0) + 1
+        return answer
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class ChaosProxy(FaultProxy):
+    """During a burst (``burst_share`` > 0) answers that share of requests with 503 SlowDown."""
+
+    def __init__(self, upstream_port: int, seed: int = 0) -> None:
+        self.burst_share = 0.0
+        self.answered_503 = 0
+        self._random = random.Random(seed)
+        super().__init__(f"http://127.0.0.1:{upstream_port}", self._throttle)
+
+    def _throttle(self, method: str, path: str) -> Decision:
+        with self._lock:
+            if self.burst_share and self._random.random() < self.burst_share:
+                self.answered_503 += 1
+                return SLOW_DOWN
+            return FORWARD
 
 
 class Tmpfs:
