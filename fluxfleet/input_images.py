@@ -247,12 +247,15 @@ def _read_s3(source: str, storage: Any, limit: int) -> bytes:
     from fluxfleet.storage.s3 import is_transient
 
     try:
-        head = storage.client.head_object(Bucket=bucket, Key=key)
-        if int(head.get("ContentLength") or 0) > limit:
-            raise _too_large(source, limit, int(head["ContentLength"]))
-        body = storage.client.get_object(Bucket=bucket, Key=key)["Body"]
-        data = body.read(limit + 1)
-        body.close()
+        # One request: the answer's length is checked before its body is read.
+        response = storage.client.get_object(Bucket=bucket, Key=key)
+        body, size = response["Body"], int(response.get("ContentLength") or 0)
+        try:
+            if size > limit:
+                raise _too_large(source, limit, size)
+            data = body.read(limit + 1)
+        finally:
+            body.close()
     except (ClientError, BotoCoreError) as e:
         code = str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) if isinstance(e, ClientError) else ""
         if code in ("404", "NoSuchKey", "NotFound"):
