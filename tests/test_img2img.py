@@ -34,6 +34,7 @@ from producer.input_images import read_input_images
 from producer.inputs import PromptSpec, read_prompts
 from producer.stack import RedisServer
 from tests.conftest import SharedStack, base_env, s3_env, settings_for
+from tests.enginekit import run_task
 from tests.imagekit import SLOW, ImageServer, bomb_png, png_bytes, solid_png
 
 PRESET = load_preset("tiny", Settings().presets_dir)
@@ -406,7 +407,6 @@ def test_an_input_changed_after_submit_fails_only_its_item(
 ) -> None:
     from fluxfleet.jobs import JobStore
     from fluxfleet.storage import open_storage
-    from workers.tasks.engine import Engine
     from workers.tasks.generation import pipeline_generate
 
     settings = submit_settings(redis_server, tmp_path, tiny_model_dir)
@@ -419,21 +419,16 @@ def test_an_input_changed_after_submit_fails_only_its_item(
     jobs.create(job_id="changed", preset="tiny", model=loaded.model, tasks=[task])
     # Given b.png rewritten after the job was submitted,
     (tmp_path / "b.png").write_bytes(png_bytes(64, 64, 99))
-    engine = Engine(
+    # when the task runs,
+    outcome = run_task(
+        task,
         generate=pipeline_generate(loaded, storage=lambda: storage, limits=settings.limits),
         preset=PRESET,
         model=loaded.model,
         settings=settings,
         storage=storage,
         jobs=jobs,
-        worker_name="test-worker",
-        gpu="0",
     )
-    # when the task runs,
-    try:
-        outcome = engine.run(task)
-    finally:
-        engine.uploads.shutdown()
     # then only b's item fails, saying why, and the other two are stored.
     assert (outcome.generated, outcome.failed) == (2, 1)
     (failure,) = jobs.failures("changed")
@@ -461,6 +456,26 @@ def test_the_worker_reads_s3_inputs_from_its_own_storage(s3_endpoint: str, s3_bu
     images, refused = Img2Img(None, lambda: storage, LIMITS).inputs([items[0], gone])
     assert [i.size for i in images] == [(96, 64)] and list(refused) == [1]
     assert "no object" in refused[1]
+
+
+def test_an_s3_input_over_the_byte_limit_or_missing_is_refused_at_submit(s3_endpoint: str, s3_bucket: str) -> None:
+    import boto3
+
+    from fluxfleet.storage import open_storage
+
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").put_object(
+        Bucket=s3_bucket, Key="in/big.png", Body=png_bytes(100, 70, 5)
+    )
+    storage = open_storage(
+        settings_for({**s3_env(s3_endpoint), "FLUXFLEET_STORAGE__URL": f"s3://{s3_bucket}/out"}).storage
+    )
+    small = LimitSettings(max_input_image_bytes=4000)
+    cases = {"in/big.png": "bytes, over the limit of 4000 bytes", "in/gone.png": "no object"}
+    for key, expected in cases.items():
+        spec = PromptSpec("a", {"image": f"s3://{s3_bucket}/{key}"}, "p.csv:2")
+        with pytest.raises(ValidationError) as refused:
+            read_input_images([spec], {}, storage=lambda: storage, limits=small)
+        assert expected in str(refused.value) and "p.csv:2" in str(refused.value)
 
 
 # -- through a real worker ----------------------------------------------------------------------------------------
