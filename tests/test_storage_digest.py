@@ -25,6 +25,7 @@ from producer.batching import build_items, split_tasks
 from producer.inputs import PromptSpec
 from producer.stack import RedisServer
 from tests.conftest import s3_env, settings_for
+from tests.enginekit import run_task
 
 
 def sha(data: bytes) -> str:
@@ -106,8 +107,6 @@ def never_generate(items: list[Item], stop: Any) -> list[Any]:
 def test_skipped_items_are_recorded_without_downloading_their_images(
     redis_server: RedisServer, s3_endpoint: str, s3_bucket: str
 ) -> None:
-    from workers.tasks.engine import Engine
-
     settings = s3_settings(s3_endpoint, s3_bucket, FLUXFLEET_BROKER__URL=redis_server.url)
     storage = open_storage(settings.storage)
     assert isinstance(storage, S3Storage)
@@ -121,22 +120,10 @@ def test_skipped_items_are_recorded_without_downloading_their_images(
     storage.put_if_absent(image_key(new.key), b"new png bytes", "image/png")
     put_without_digest(s3_endpoint, s3_bucket, f"fleet/{image_key(old.key)}", b"old png bytes")
     gets = count_gets(storage)
-    engine = Engine(
-        generate=never_generate,
-        preset=preset,
-        model=model,
-        settings=settings,
-        storage=storage,
-        jobs=jobs,
-        worker_name="test-worker",
-        gpu="0",
-    )
-
     # when the task runs, both are skipped with the stored object's sha256,
-    try:
-        outcome = engine.run(task)
-    finally:
-        engine.uploads.shutdown()
+    outcome = run_task(
+        task, generate=never_generate, preset=preset, model=model, settings=settings, storage=storage, jobs=jobs
+    )
     assert (outcome.skipped, outcome.generated, outcome.failed) == (2, 0, 0)
     records = {r.key: r for r in jobs.records("skips")}
     assert records[new.key].sha256 == sha(b"new png bytes") and records[new.key].skipped
